@@ -1,0 +1,41 @@
+# textgen: `make run` serves the embedded model, `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup setup-dev run test lint pytest bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: $(BIN)/python requirements.txt pyproject.toml deploy/install.sh
+	deploy/install.sh $(BIN)/python
+	touch $@
+
+$(VENV)/.dev: $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml deploy/install.sh
+	deploy/install.sh $(BIN)/python --dev
+	touch $@ $(VENV)/.runtime
+
+setup: $(VENV)/.runtime
+setup-dev: $(VENV)/.dev
+
+## Serve the configured models (default: the embedded SmolLM2) with gunicorn on TEXTGEN_BIND.
+run: setup
+	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+## Lint, type-check and run the whole test suite (slow tests included).
+test: lint pytest
+
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+pytest: setup-dev
+	$(BIN)/python -m pytest
+
+bench: setup-dev
+	$(BIN)/python bench/startup.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
