@@ -1,0 +1,1 @@
+"""Model specs, the on-disk model cache, loading, and the per-worker registry."""

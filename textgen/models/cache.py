@@ -1,0 +1,97 @@
+"""The model cache directory: Hub downloads, GGUF conversions, and locks between workers."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MARKER = "textgen-source.json"
+
+
+class ModelCache:
+    """Layout of TEXTGEN_MODEL_CACHE (the directory Docker mounts as a volume)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.hub_dir = root / "hub"
+        self.converted_dir = root / "converted"
+
+    def digest(self, path: Path, compute: Callable[[Path], str]) -> str:
+        """A file's digest, remembered by path, size and mtime so a restart does not re-hash it."""
+        stat = path.stat()
+        index_path = self.root / "digests.json"
+        key = str(path.resolve())
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        entry = index.get(key)
+        if entry and entry["stamp"] == stamp:
+            return str(entry["sha256"])
+        digest = compute(path)
+        with self.lock("digests"):
+            index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+            index[key] = {"stamp": stamp, "sha256": digest}
+            staging = index_path.with_suffix(f".{os.getpid()}.tmp")
+            staging.write_text(json.dumps(index, indent=2))
+            os.replace(staging, index_path)
+        return digest
+
+    def converted_path(self, key: str) -> Path:
+        """Directory that holds (or will hold) one converted model."""
+        return self.converted_dir / key
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Exclusive lock so concurrent workers convert or download a model only once."""
+        lock_dir = self.root / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^\w.-]", "_", key)
+        with open(lock_dir / f"{safe}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """What the cache holds: converted models and Hub repositories, with sizes."""
+        out: list[dict[str, Any]] = []
+        if self.converted_dir.is_dir():
+            for path in sorted(self.converted_dir.iterdir()):
+                marker = path / MARKER
+                if marker.is_file():
+                    info = json.loads(marker.read_text())
+                    out.append(
+                        {"kind": "converted", "path": str(path), "bytes": dir_size(path), **info}
+                    )
+        if self.hub_dir.is_dir():
+            for path in sorted(self.hub_dir.glob("models--*")):
+                snapshots = sorted(p.name for p in (path / "snapshots").glob("*"))
+                repo = path.name.removeprefix("models--").replace("--", "/")
+                out.append(
+                    {
+                        "kind": "hub",
+                        "repo": repo,
+                        "revisions": snapshots,
+                        "path": str(path),
+                        "bytes": dir_size(path),
+                    }
+                )
+        return out
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (symlinks followed once, as the Hub cache uses them)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total

