@@ -1,0 +1,1 @@
+"""Generation: strategy presets, stop strings, prompt assembly and the model runner."""

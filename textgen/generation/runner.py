@@ -1,0 +1,251 @@
+"""Running one generation request on one loaded model (CPU, inference mode, one at a time)."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from textgen.generation.prompts import PromptError, PromptInput, render_prompt
+from textgen.generation.stopping import StopSequenceMatcher
+from textgen.generation.strategies import GenerationParams
+from textgen.models.loading import LoadedModel
+
+
+class RequestRejected(ValueError):
+    """The request cannot run on this model (too long, no chat template...); a client error."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request caps that need the tokenizer to check."""
+
+    max_prompt_tokens: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+
+
+@dataclass
+class Job:
+    """A request checked against one model: its prompt token ids and final settings."""
+
+    encoded: list[list[int]]
+    params: GenerationParams
+    created: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Output:
+    """One generated continuation."""
+
+    prompt_index: int
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass
+class ModelResult:
+    """Everything one model produced for one request."""
+
+    model: str
+    outputs: list[Output]
+    prompt_tokens: int
+    parameters: dict[str, Any]
+    timings: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(o.completion_tokens for o in self.outputs)
+
+
+class StepClock(StoppingCriteria):
+    """Records when each decode step finishes; never stops anything itself."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)  # type: ignore[return-value]
+
+
+class StopStringCriteria(StoppingCriteria):
+    """Stops a row once its generated text contains a stop string (same rule as truncation)."""
+
+    def __init__(self, tokenizer: Any, matcher: StopSequenceMatcher, prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.matcher = matcher
+        self.prompt_width = prompt_width
+        # A token holds at least one byte and a character at most four, so a stop string of
+        # n characters lies within the last 4n tokens.
+        self.window = 4 * max(len(stop) for stop in matcher.stops) + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        tails = input_ids[:, self.prompt_width :][:, -self.window :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        hits = [self.matcher.find(text) is not None for text in texts]
+        return torch.tensor(hits, dtype=torch.bool)  # type: ignore[return-value]
+
+
+class ModelRunner:
+    """Owns one model and runs generation requests on it, one at a time."""
+
+    def __init__(self, loaded: LoadedModel, limits: Limits) -> None:
+        self.loaded = loaded
+        self.limits = limits
+        # One request at a time per model: torch already spreads a step over every core, and
+        # the global RNG must not be reseeded by another request mid-generation.
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.loaded.spec.name
+
+    def encode(self, prompts: list[PromptInput]) -> list[list[int]]:
+        """Token ids of each prompt as the model will see them; rejects prompts over the caps."""
+        tokenizer = self.loaded.tokenizer
+        encoded = []
+        for prompt in prompts:
+            try:
+                text = render_prompt(tokenizer, prompt, self.name)
+            except PromptError as exc:
+                raise RequestRejected(str(exc), "chat", "chat_template_missing") from exc
+            # A chat template already writes the special tokens it wants.
+            ids = tokenizer(text, add_special_tokens=not prompt.is_chat)["input_ids"]
+            if not ids:
+                raise RequestRejected("prompt encodes to no tokens", "prompt", "empty_prompt")
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise RequestRejected(
+                    f"prompt has {len(ids)} tokens; this server accepts at most "
+                    f"{self.limits.max_prompt_tokens}",
+                    "prompt",
+                    "prompt_too_long",
+                )
+            encoded.append(ids)
+        return encoded
+
+    def new_token_budget(self, params: GenerationParams, longest: int) -> int:
+        """max_new_tokens after defaults, the max_length alias and the model's context."""
+        if params.max_length is not None:
+            budget = params.max_length - longest
+            if budget < 1:
+                raise RequestRejected(
+                    f"max_length ({params.max_length}) counts the prompt, which already has "
+                    f"{longest} tokens; raise it or use max_new_tokens",
+                    "max_length",
+                )
+            budget = min(budget, self.limits.max_new_tokens)
+        else:
+            budget = params.max_new_tokens or self.limits.default_max_new_tokens
+        context = self.loaded.context_length
+        if context is not None and longest + budget > context:
+            raise RequestRejected(
+                f"model {self.name!r} has a context of {context} tokens; the prompt has {longest} "
+                f"and {budget} new tokens were asked for ({longest + budget} in all)",
+                "prompt" if longest >= context else "max_new_tokens",
+                "context_length_exceeded",
+            )
+        return budget
+
+    def prepare(self, prompts: list[PromptInput], params: GenerationParams) -> Job:
+        """Check a request against this model and fix its settings; no generation yet."""
+        encoded = self.encode(prompts)
+        budget = self.new_token_budget(params, max(len(ids) for ids in encoded))
+        if params.do_sample and params.seed is None:
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        return Job(encoded, dataclasses.replace(params, max_new_tokens=budget))
+
+    def generate(self, prompts: list[PromptInput], params: GenerationParams) -> ModelResult:
+        """Generate continuations for every prompt with the given settings."""
+        return self.run(self.prepare(prompts, params))
+
+    def run(self, job: Job) -> ModelResult:
+        """Run a prepared job: one batched generate() call under this model's lock."""
+        params = job.params
+        tokenizer = self.loaded.tokenizer
+        batch = tokenizer.pad({"input_ids": job.encoded}, padding=True, return_tensors="pt")
+        config = GenerationConfig(
+            **params.generation_kwargs(),
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=list(self.loaded.eos_token_ids) or None,
+            pad_token_id=self.loaded.pad_token_id,
+        )
+        clock = StepClock()
+        criteria = StoppingCriteriaList([clock])
+        if params.stop:
+            width = batch["input_ids"].shape[1]
+            matcher = StopSequenceMatcher(params.stop)
+            criteria.append(StopStringCriteria(tokenizer, matcher, width))
+        with self._lock:
+            started = time.perf_counter()
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            with torch.inference_mode():
+                sequences = self.loaded.model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    generation_config=config,
+                    stopping_criteria=criteria,
+                )
+            finished = time.perf_counter()
+        outputs = self.decode(sequences[:, batch["input_ids"].shape[1] :], params)
+        produced = sum(o.completion_tokens for o in outputs)
+        elapsed = finished - started
+        return ModelResult(
+            model=self.name,
+            outputs=outputs,
+            prompt_tokens=sum(len(ids) for ids in job.encoded),
+            parameters=params.applied(),
+            timings={
+                "queue_s": round(started - job.created, 6),
+                "time_to_first_token_s": round(clock.first - started, 6) if clock.first else None,
+                "generation_s": round(elapsed, 6),
+                "tokens_per_second": round(produced / elapsed, 3) if elapsed > 0 else None,
+            },
+        )
+
+    def decode(self, generated: torch.Tensor, params: GenerationParams) -> list[Output]:
+        """Text, finish reason and token count of each generated row."""
+        matcher = StopSequenceMatcher(params.stop)
+        eos = set(self.loaded.eos_token_ids)
+        pad = self.loaded.pad_token_id
+        outputs = []
+        for row, tokens in enumerate(generated.tolist()):
+            cut = next((i for i, token in enumerate(tokens) if token in eos), None)
+            kept = tokens if cut is None else tokens[:cut]
+            text, stopped = matcher.truncate(
+                self.loaded.tokenizer.decode(kept, skip_special_tokens=True)
+            )
+            if stopped:
+                # generate() pads a row that stopped early; padding is not output.
+                while kept and kept[-1] == pad:
+                    kept = kept[:-1]
+                count, reason = len(kept), "stop"
+            elif cut is not None:
+                count, reason = cut + 1, "eos"
+            else:
+                count, reason = len(tokens), "length"
+            outputs.append(
+                Output(
+                    prompt_index=row // params.num_return_sequences,
+                    index=row % params.num_return_sequences,
+                    text=text,
+                    finish_reason=reason,
+                    completion_tokens=count,
+                )
+            )
+        return outputs
