@@ -1,0 +1,43 @@
+"""textgen: a text-generation HTTP API for open language models on CPUs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from flask import Flask
+
+__version__ = "0.1.0"
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app: settings, error handlers, routes and this worker's model registry."""
+    from textgen.api import generate, info
+    from textgen.api.errors import register_error_handlers
+    from textgen.config import PREFIX, check_unknown_env, load_settings
+    from textgen.models.registry import ModelRegistry
+    from textgen.runtime import configure_torch
+
+    app = Flask(__name__)
+    if test_config is None:
+        check_unknown_env(os.environ)
+        app.config.from_prefixed_env(PREFIX)
+    else:
+        app.config.update(test_config)
+    settings = load_settings(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+    )
+    configure_torch(settings.torch_threads)
+
+    register_error_handlers(app)
+    app.register_blueprint(generate.bp)
+    app.register_blueprint(info.bp)
+
+    registry = ModelRegistry(settings)
+    app.extensions["textgen.registry"] = registry
+    registry.start()
+    return app

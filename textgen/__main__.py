@@ -1,0 +1,5 @@
+"""`python -m textgen` runs the CLI."""
+
+from textgen.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""HTTP layer: error handling, request schemas and the routes."""

@@ -1,0 +1,144 @@
+"""One error shape for every failure: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from textgen.generation.runner import RequestRejected
+from textgen.models.registry import ModelsNotReady, UnknownModel
+
+log = logging.getLogger(__name__)
+
+TYPES_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error a client sees, with its HTTP status and the OpenAI-style fields."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "not_found_error"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "service_unavailable"
+
+
+def error_response(
+    status: int, message: str, type_: str, param: str | None, code: str | None
+) -> Response:
+    """The JSON error body with its status."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    """A marshmallow error as one message that names every bad field (param: the first)."""
+    problems = list(flatten(exc.normalized_messages()))
+    param = next((path for path, _ in problems if path != "_schema"), None)
+    text = "; ".join(msg if path == "_schema" else f"{path}: {msg}" for path, msg in problems)
+    return InvalidRequest(text or "invalid request", param=param, code="invalid_value")
+
+
+def flatten(messages: Any, path: str = "") -> list[tuple[str, str]]:
+    """(dotted.path, message) pairs from marshmallow's nested error dict."""
+    if isinstance(messages, dict):
+        out = []
+        for key, value in messages.items():
+            out.extend(flatten(value, f"{path}.{key}" if path else str(key)))
+        return out
+    if isinstance(messages, list):
+        return [pair for item in messages for pair in flatten(item, path)]
+    return [(path or "_schema", str(messages))]
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Map the domain exceptions the routes let through onto API errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, UnknownModel):
+        return NotFound(f"model {exc.args[0]!r} does not exist", "model", "model_not_found")
+    if isinstance(exc, ModelsNotReady):
+        return ServiceUnavailable(
+            f"models are not ready: {exc}", code="model_loading", headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, RequestRejected):
+        return InvalidRequest(str(exc), exc.param, exc.code)
+    raise TypeError(exc)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the handlers that give every failure the same JSON shape."""
+
+    @app.errorhandler(APIError)
+    @app.errorhandler(ValidationError)
+    @app.errorhandler(UnknownModel)
+    @app.errorhandler(ModelsNotReady)
+    @app.errorhandler(RequestRejected)
+    def handle_api_error(exc: Exception) -> Response:
+        error = to_api_error(exc)
+        response = error_response(error.status, error.message, error.type, error.param, error.code)
+        response.headers.update(error.headers)
+        return response
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        response = error_response(
+            status,
+            exc.description or exc.name,
+            TYPES_BY_STATUS.get(status, "server_error"),
+            None,
+            exc.name.lower().replace(" ", "_"),
+        )
+        for key, value in exc.get_headers():
+            if key.lower() != "content-type":
+                response.headers[key] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal server error", "server_error", None, "internal_error")

@@ -1,0 +1,63 @@
+"""Read-only endpoints: health, models, strategies and server info."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from textgen.api.schemas import parameter_ranges
+from textgen.generation.strategies import describe_strategies
+from textgen.models.registry import ModelRegistry
+
+bp = Blueprint("info", __name__)
+
+
+def registry() -> ModelRegistry:
+    return current_app.extensions["textgen.registry"]
+
+
+@bp.get("/health")
+def get_health() -> tuple[Response, int, dict[str, str]] | Response:
+    """200 once every model is loaded and warmed up; 503 with the reason before that."""
+    status = registry().status()
+    if status["status"] == "ready":
+        return jsonify({"status": "ok", **{k: v for k, v in status.items() if k != "status"}})
+    return jsonify(status), 503, {"Retry-After": "5"}
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    """Every configured model with its source, size, dtype and context length."""
+    reg = registry()
+    return jsonify({"default": reg.default_name, "models": reg.describe()})
+
+
+@bp.get("/strategies")
+def list_strategies() -> Response:
+    """The decoding strategies, their settings and the parameters each accepts."""
+    ranges = parameter_ranges(registry().settings)
+    return jsonify({"strategies": describe_strategies(ranges)})
+
+
+@bp.get("/info")
+def get_info() -> Response:
+    """Versions, the torch thread setup and the effective settings (no secrets)."""
+    import torch
+    import transformers
+
+    from textgen import __version__
+
+    body: dict[str, Any] = {
+        "version": __version__,
+        "pid": os.getpid(),
+        "torch": {
+            "version": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+        },
+        "transformers": transformers.__version__,
+        "settings": registry().settings.public(),
+    }
+    return jsonify(body)
