@@ -1,0 +1,45 @@
+"""Settings validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from textgen.config import ConfigError, load_settings, settings_from_env
+
+
+def test_defaults() -> None:
+    settings = load_settings({})
+    assert settings.models[0].name == "smollm2-135m-instruct"
+    assert settings.load_mode == "background"
+    assert settings.torch_threads >= 1
+
+
+def test_env_values_are_parsed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("TEXTGEN_MODELS", "gpt2,distilgpt2")
+    monkeypatch.setenv("TEXTGEN_MAX_NEW_TOKENS", "300")
+    monkeypatch.setenv("TEXTGEN_MODEL_CACHE", str(tmp_path))
+    settings = settings_from_env()
+    assert [s.name for s in settings.models] == ["gpt2", "distilgpt2"]
+    assert settings.max_new_tokens == 300
+    assert settings.model_cache == tmp_path
+
+
+def test_unknown_variable_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEXTGEN_MAX_TOKEN", "5")
+    with pytest.raises(ConfigError, match="TEXTGEN_MAX_TOKEN"):
+        settings_from_env()
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"MAX_NEW_TOKENS": 0}, "TEXTGEN_MAX_NEW_TOKENS"),
+        ({"LOAD_MODE": "lazy"}, "TEXTGEN_LOAD_MODE"),
+        ({"MODELS": "gpt2,gpt2"}, "duplicate"),
+        ({"DEFAULT_MAX_NEW_TOKENS": 100, "MAX_NEW_TOKENS": 10}, "TEXTGEN_DEFAULT_MAX_NEW_TOKENS"),
+        ({"TORCH_THREADS": "many"}, "TEXTGEN_TORCH_THREADS"),
+    ],
+)
+def test_bad_settings_name_the_variable(values: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(values)

@@ -1,0 +1,61 @@
+"""The embedded SmolLM2-135M-Instruct: GGUF conversion into the cache, and real answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.conftest import EMBEDDED_CACHE
+from textgen.models import sources
+from textgen.models.cache import ModelCache
+from textgen.models.sources import embedded_gguf, prepare
+from textgen.models.specs import make_spec, parse_entry
+
+pytestmark = pytest.mark.slow
+
+
+def test_capital_of_france_names_paris(embedded_client: FlaskClient) -> None:
+    response = embedded_client.post(
+        "/generate",
+        json={"prompt": "What is the capital of France?", "chat": True, "strategy": "greedy"},
+    )
+    assert response.status_code == 200
+    output = response.get_json()["results"][0]["outputs"][0]
+    assert "Paris" in output["text"]
+    assert output["finish_reason"] == "eos"
+
+
+def test_greedy_matches_model_generate(embedded_app: Flask, embedded_client: FlaskClient) -> None:
+    loaded = embedded_app.extensions["textgen.registry"].runner(None).loaded
+    messages = [{"role": "user", "content": "Name three colours."}]
+    enc = loaded.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.inference_mode():
+        out = loaded.model.generate(**enc, do_sample=False, max_new_tokens=24)
+    expected = loaded.tokenizer.decode(
+        out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    response = embedded_client.post("/generate", json={"messages": messages, "max_new_tokens": 24})
+    assert response.get_json()["results"][0]["outputs"][0]["text"] == expected
+
+
+def test_conversion_is_reused(
+    embedded_app: Flask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_conversion(*args: object) -> None:
+        raise AssertionError("the cached conversion should have been reused")
+
+    monkeypatch.setattr(sources, "write_converted", no_conversion)
+    cache = ModelCache(EMBEDDED_CACHE)
+    embedded = prepare(make_spec("smollm2-135m-instruct"), cache)
+    assert (embedded.path / "model.safetensors").is_file()
+    # The same GGUF named by path maps onto the same converted copy.
+    gguf = embedded_gguf(make_spec("smollm2-135m-instruct"))
+    by_path = prepare(parse_entry(f"copy={gguf}"), cache)
+    assert by_path.path == embedded.path
+    assert any(e["kind"] == "converted" for e in cache.entries())
