@@ -66,6 +66,7 @@ def test_strategy_inferred_from_fields(fields: dict, expected: str) -> None:
         ({"strategy": "sampling", "num_beams": 4}, "num_beams"),
         ({"strategy": "greedy", "num_return_sequences": 2}, "num_return_sequences"),
         ({"strategy": "beam", "top_p": 0.5}, "top_p"),
+        ({"strategy": "greedy", "seed": 3}, "seed"),
     ],
 )
 def test_fields_the_strategy_ignores_are_rejected(fields: dict, param: str) -> None:

@@ -12,9 +12,8 @@ COMMON = (
     "repetition_penalty",
     "no_repeat_ngram_size",
     "stop",
-    "seed",
 )
-SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "seed")
 
 
 class StrategyError(ValueError):
@@ -159,8 +158,6 @@ def resolve_params(fields: dict[str, Any]) -> GenerationParams:
         )
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
-    if not values["do_sample"]:
-        values.pop("seed", None)
     return GenerationParams(strategy=name, **values)
 
 
