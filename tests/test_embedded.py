@@ -30,7 +30,7 @@ def test_capital_of_france_names_paris(embedded_client: FlaskClient) -> None:
 
 
 def test_greedy_matches_model_generate(embedded_app: Flask, embedded_client: FlaskClient) -> None:
-    loaded = embedded_app.extensions["textgen.registry"].runner(None).loaded
+    loaded = embedded_app.extensions["textgen.registry"].engine(None).runner.loaded
     messages = [{"role": "user", "content": "Name three colours."}]
     enc = loaded.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True

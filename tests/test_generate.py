@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 
 
 def runner(app: Flask, name: str) -> Any:
-    return app.extensions["textgen.registry"].runner(name)
+    return app.extensions["textgen.registry"].engine(name).runner
 
 
 def reference_greedy(app: Flask, name: str, prompt: str, new_tokens: int) -> str:
@@ -62,7 +62,8 @@ def test_response_shape_usage_and_timings(client: FlaskClient) -> None:
     )
     assert body["usage"] == result["usage"]
     timings = result["timings"]
-    assert 0 <= timings["time_to_first_token_s"] <= timings["generation_s"]
+    assert 0 <= timings["queue_s"] <= timings["time_to_first_token_s"]
+    assert timings["time_to_first_token_s"] <= timings["queue_s"] + timings["generation_s"]
     assert timings["tokens_per_second"] > 0
     assert body["id"].startswith("gen-")
 
@@ -204,16 +205,16 @@ def test_prompt_plus_new_tokens_over_the_context_is_400(client: FlaskClient) -> 
 def test_a_failing_model_in_a_multi_model_request_generates_nothing(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from textgen.generation.runner import ModelRunner
+    from textgen.engine.scheduler import Engine
 
     calls: list[str] = []
-    real_run = ModelRunner.run
+    real_submit = Engine.submit
 
-    def counting_run(self: ModelRunner, job: Any) -> Any:
+    def counting_submit(self: Engine, *args: Any) -> Any:
         calls.append(self.name)
-        return real_run(self, job)
+        return real_submit(self, *args)
 
-    monkeypatch.setattr(ModelRunner, "run", counting_run)
+    monkeypatch.setattr(Engine, "submit", counting_submit)
     # tiny-gpt2 has no chat template, so the request fails, and tiny-llama must not run first.
     response = client.post(
         "/generate", json={"prompt": "Hi", "chat": True, "models": ["tiny-llama", "tiny-gpt2"]}

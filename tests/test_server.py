@@ -114,3 +114,49 @@ def test_oversubscription_is_refused() -> None:
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0
     assert "exceeds the" in output
+
+
+def engine_metrics(server: str) -> dict:
+    return requests.get(f"{server}/info", timeout=10).json()["engines"]["smollm2-135m-instruct"]
+
+
+def test_streaming_over_http(server: str) -> None:
+    with requests.post(
+        f"{server}/generate",
+        json={
+            "prompt": "Count from one to ten.",
+            "chat": True,
+            "max_new_tokens": 40,
+            "stream": True,
+        },
+        stream=True,
+        timeout=120,
+    ) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["X-Accel-Buffering"] == "no"
+        lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    assert sum(1 for line in lines if '"text": "' in line) > 5  # deltas, not one blob
+
+
+def test_client_hanging_up_stops_a_non_streaming_request(server: str) -> None:
+    before = engine_metrics(server)
+    body = b'{"prompt": "Write a long essay about rivers.", "chat": true, "max_new_tokens": 500}'
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 60
+        while engine_metrics(server)["generated_tokens"] <= before["generated_tokens"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # The socket is closed: the handler notices, and the engine drops the request.
+    deadline = time.monotonic() + 60
+    while engine_metrics(server)["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.1)
+    after = engine_metrics(server)
+    assert after["generated_tokens"] - before["generated_tokens"] < 200

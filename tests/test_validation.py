@@ -116,13 +116,16 @@ def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
 def test_unexpected_failure_is_a_json_500_without_traceback(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from textgen.generation.runner import ModelRunner
+    from textgen.engine.scheduler import Engine
 
-    def explode(self: ModelRunner, job: Any) -> Any:
+    def explode(self: Engine, sequences: Any) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(ModelRunner, "run", explode)
+    monkeypatch.setattr(Engine, "_prefill", explode)
     response = client.post("/generate", json={"prompt": "Hi"})
     error = assert_error(response, 500)
     assert "secret" not in response.get_data(as_text=True)
     assert error["type"] == "server_error"
+    monkeypatch.undo()
+    # The engine survived its failure and serves the next request.
+    assert client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200

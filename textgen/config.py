@@ -37,6 +37,11 @@ class Settings:
     max_sequences: int
     max_stop_strings: int
     max_body_bytes: int
+    max_batch: int
+    max_queue: int
+    max_queue_tokens: int
+    max_timeout: float
+    stream_ping_s: float
     hub_probe_timeout: float
     log_level: str
 
@@ -89,6 +94,11 @@ class SettingsSchema(Schema):
     MAX_SEQUENCES = f.Integer(load_default=16, validate=validate.Range(min=1, max=256))
     MAX_STOP_STRINGS = f.Integer(load_default=8, validate=validate.Range(min=1, max=64))
     MAX_BODY_BYTES = f.Integer(load_default=1 << 20, validate=validate.Range(min=1024))
+    MAX_BATCH = f.Integer(load_default=16, validate=validate.Range(min=1, max=512))
+    MAX_QUEUE = f.Integer(load_default=64, validate=validate.Range(min=1))
+    MAX_QUEUE_TOKENS = f.Integer(load_default=1 << 18, validate=validate.Range(min=1))
+    MAX_TIMEOUT = f.Float(load_default=600.0, validate=validate.Range(min=0.1))
+    STREAM_PING_S = f.Float(load_default=5.0, validate=validate.Range(min=0.05, max=300))
     HUB_PROBE_TIMEOUT = f.Float(load_default=3.0, validate=validate.Range(min=0.1, max=120))
     LOG_LEVEL = f.String(
         load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -9,6 +9,7 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from textgen.engine.scheduler import QueueFull
 from textgen.generation.runner import RequestRejected
 from textgen.models.registry import ModelsNotReady, UnknownModel
 
@@ -55,6 +56,11 @@ class InvalidRequest(APIError):
 class NotFound(APIError):
     status = 404
     type = "not_found_error"
+
+
+class RateLimited(APIError):
+    status = 429
+    type = "rate_limit_error"
 
 
 class ServiceUnavailable(APIError):
@@ -106,6 +112,12 @@ def to_api_error(exc: Exception) -> APIError:
         )
     if isinstance(exc, RequestRejected):
         return InvalidRequest(str(exc), exc.param, exc.code)
+    if isinstance(exc, QueueFull):
+        return RateLimited(
+            f"{exc}; retry after {exc.retry_after} s",
+            code="queue_full",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
     raise TypeError(exc)
 
 
@@ -117,6 +129,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(UnknownModel)
     @app.errorhandler(ModelsNotReady)
     @app.errorhandler(RequestRejected)
+    @app.errorhandler(QueueFull)
     def handle_api_error(exc: Exception) -> Response:
         error = to_api_error(exc)
         response = error_response(error.status, error.message, error.type, error.param, error.code)

@@ -1,18 +1,31 @@
-"""POST /generate: one or more prompts on one or more models."""
+"""POST /generate: one or more prompts on one or more models, whole or streamed."""
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
+from textgen.api.errors import APIError
 from textgen.api.schemas import GenerateRequest, GenerateSchema, load_body
-from textgen.generation.runner import ModelResult
+from textgen.api.streaming import DONE, PING, client_gone, sse, sse_response
+from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
+from textgen.engine.submission import Submission
 from textgen.models.registry import ModelRegistry
 
 bp = Blueprint("generate", __name__)
+
+# How often a waiting handler looks at its client's socket.
+POLL_S = 0.2
+
+
+class GenerationFailed(APIError):
+    status = 500
+    type = "server_error"
 
 
 @bp.post("/generate")
@@ -20,42 +33,138 @@ def create_generation() -> Response:
     """Generate text for the body's prompt(s) with each requested model."""
     registry: ModelRegistry = current_app.extensions["textgen.registry"]
     body: GenerateRequest = load_body(GenerateSchema(registry.settings))
-    return jsonify(run_generation(registry, body))
+    submission = submit(registry, body)
+    sock = request.environ.get("gunicorn.socket")
+    if body.stream:
+        ping_s = registry.settings.stream_ping_s
+        return sse_response(stream_generation(submission, sock, ping_s))
+    return jsonify(collect_generation(submission, sock))
 
 
-def run_generation(registry: ModelRegistry, body: GenerateRequest) -> dict[str, Any]:
-    """Check the request against every model first, then generate with each in turn."""
-    runners = [registry.runner(name) for name in body.models]
-    jobs = [runner.prepare(body.prompts, body.params) for runner in runners]
-    results = [runner.run(job) for runner, job in zip(runners, jobs, strict=True)]
-    prompt_tokens = sum(r.prompt_tokens for r in results)
-    completion_tokens = sum(r.completion_tokens for r in results)
+def submit(registry: ModelRegistry, body: GenerateRequest) -> Submission:
+    """Check the request against every model first, then queue it on each model's engine."""
+    engines = [registry.engine(name) for name in body.models]
+    jobs = [(engine, engine.runner.prepare(body.prompts, body.params)) for engine in engines]
+    return Submission.start(jobs, body.timeout)
+
+
+def collect_generation(submission: Submission, sock: socket.socket | None) -> dict[str, Any]:
+    """Wait for every output; stop the work if the client leaves meanwhile."""
+    checked = time.monotonic()
+    try:
+        for item in submission.events(POLL_S):
+            if item is not None and isinstance(item[1], Failed):
+                raise GenerationFailed(item[1].message, code="generation_failed")
+            # Events arrive every step, so look at the socket on a clock, not when idle.
+            if time.monotonic() - checked >= POLL_S:
+                checked = time.monotonic()
+                if client_gone(sock):
+                    return {}
+    finally:
+        submission.cancel()  # a no-op once everything finished
+    return response_body(submission)
+
+
+def stream_generation(
+    submission: Submission, sock: socket.socket | None, ping_s: float
+) -> Iterator[str]:
+    """Server-sent events: text deltas, each output's finish, a summary, then [DONE]."""
+    quiet_since = time.monotonic()
+    try:
+        for item in submission.events(POLL_S):
+            if item is None:
+                if client_gone(sock):
+                    return
+                if time.monotonic() - quiet_since >= ping_s:
+                    quiet_since = time.monotonic()
+                    yield PING
+                continue
+            quiet_since = time.monotonic()
+            handle, event = item
+            if isinstance(event, Delta) and event.text:
+                yield sse(output_key(handle, event) | {"text": event.text})
+            elif isinstance(event, Finished):
+                yield sse(
+                    output_key(handle, event)
+                    | {
+                        "text": "",
+                        "finish_reason": event.finish_reason,
+                        "completion_tokens": event.completion_tokens,
+                    }
+                )
+            elif isinstance(event, Failed):
+                error = {"message": event.message, "type": "server_error", "param": None}
+                yield sse({"error": error | {"code": "generation_failed"}})
+                yield DONE
+                return
+        summary = response_body(submission)
+        yield sse({k: v for k, v in summary.items() if k != "results"} | summaries(summary))
+        yield DONE
+    finally:
+        # Also reached when the server closes the generator because the client went away.
+        submission.cancel()
+
+
+def output_key(handle: RequestHandle, event: Delta | Finished) -> dict[str, Any]:
+    return {"model": handle.model, "prompt_index": event.prompt_index, "index": event.index}
+
+
+def summaries(body: dict[str, Any]) -> dict[str, Any]:
+    """The per-model parts of a response without the texts (the stream already sent them)."""
+    return {"results": [{k: v for k, v in r.items() if k != "outputs"} for r in body["results"]]}
+
+
+def response_body(submission: Submission) -> dict[str, Any]:
+    """The whole response, from the finished outputs."""
+    results = [result_body(handle, submission) for handle in submission.handles]
+    prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in results)
+    completion_tokens = sum(r["usage"]["completion_tokens"] for r in results)
     return {
         "id": f"gen-{uuid.uuid4().hex}",
         "object": "generation",
         "created": int(time.time()),
-        "results": [result_body(r) for r in results],
+        "results": results,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def result_body(result: ModelResult) -> dict[str, Any]:
+def result_body(handle: RequestHandle, submission: Submission) -> dict[str, Any]:
     """One model's part of the response."""
+    outputs = sorted(
+        (f for (model, _, _), f in submission.finished.items() if model == handle.model),
+        key=lambda f: (f.prompt_index, f.index),
+    )
+    completion = sum(f.completion_tokens for f in outputs)
     return {
-        "model": result.model,
+        "model": handle.model,
         "outputs": [
             {
-                "prompt_index": o.prompt_index,
-                "index": o.index,
-                "text": o.text,
-                "finish_reason": o.finish_reason,
-                "completion_tokens": o.completion_tokens,
+                "prompt_index": f.prompt_index,
+                "index": f.index,
+                "text": f.text,
+                "finish_reason": f.finish_reason,
+                "completion_tokens": f.completion_tokens,
             }
-            for o in result.outputs
+            for f in outputs
         ],
-        "parameters": result.parameters,
-        "usage": usage(result.prompt_tokens, result.completion_tokens),
-        "timings": result.timings,
+        "parameters": handle.job.params.applied(),
+        "usage": usage(sum(len(ids) for ids in handle.job.encoded), completion),
+        "timings": timings(handle, completion),
+    }
+
+
+def timings(handle: RequestHandle, completion_tokens: int) -> dict[str, float | None]:
+    """Where the time went, measured from the moment the engine accepted the request."""
+
+    def since(start: float | None, end: float | None) -> float | None:
+        return round(end - start, 6) if start is not None and end is not None else None
+
+    generation = since(handle.admitted, handle.finished)
+    return {
+        "queue_s": since(handle.created, handle.admitted),
+        "time_to_first_token_s": since(handle.created, handle.first_token),
+        "generation_s": generation,
+        "tokens_per_second": round(completion_tokens / generation, 3) if generation else None,
     }
 
 

@@ -59,5 +59,6 @@ def get_info() -> Response:
         },
         "transformers": transformers.__version__,
         "settings": registry().settings.public(),
+        "engines": registry().engine_metrics(),
     }
     return jsonify(body)

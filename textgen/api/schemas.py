@@ -40,6 +40,7 @@ RANGES: dict[str, dict[str, Any]] = {
     "no_repeat_ngram_size": {"type": "integer", "min": 0, "max": 64},
     "seed": {"type": "integer", "min": 0, "max": 2**63 - 1},
     "stop": {"type": "string or list of strings", "max_length": 256},
+    "timeout": {"type": "number", "min_exclusive": 0.0},
 }
 
 
@@ -122,6 +123,8 @@ class GenerateRequest:
     prompts: list[PromptInput]
     models: list[str | None]
     params: GenerationParams
+    stream: bool
+    timeout: float
 
 
 class GenerateSchema(Schema):
@@ -150,6 +153,8 @@ class GenerateSchema(Schema):
     do_sample = StrictBoolean()
     seed = StrictInteger(validate=_range("seed"))
     stop = StringOrList(max_chars=RANGES["stop"]["max_length"])
+    stream = StrictBoolean()
+    timeout = StrictFloat(validate=_range("timeout"))
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -174,6 +179,8 @@ class GenerateSchema(Schema):
             raise ValidationError(
                 f"must be at most {caps.max_new_tokens} on this server", "max_new_tokens"
             )
+        if data.get("timeout", 0) > caps.max_timeout:
+            raise ValidationError(f"must be at most {caps.max_timeout} s on this server", "timeout")
         sequences = data.get("num_return_sequences", 1) * data.get("num_beams", 1)
         if sequences > caps.max_sequences:
             raise ValidationError(
@@ -184,6 +191,7 @@ class GenerateSchema(Schema):
 
     @post_load
     def make_request(self, data: dict[str, Any], **_: Any) -> GenerateRequest:
+        options = {k: data.pop(k) for k in ("stream", "timeout") if k in data}
         try:
             params = resolve_params(data)
         except StrategyError as exc:
@@ -194,7 +202,13 @@ class GenerateSchema(Schema):
         else:
             prompts = [PromptInput(text=t, chat=data.get("chat", False)) for t in data["prompt"]]
         models: list[str | None] = data.get("models") or [data.get("model")]
-        return GenerateRequest(prompts=prompts, models=models, params=params)
+        return GenerateRequest(
+            prompts=prompts,
+            models=models,
+            params=params,
+            stream=options.get("stream", False),
+            timeout=options.get("timeout", self.settings.max_timeout),
+        )
 
 
 def parameter_ranges(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -206,6 +220,7 @@ def parameter_ranges(settings: Settings) -> dict[str, dict[str, Any]]:
     ranges["num_beams"]["max"] = settings.max_sequences
     ranges["num_return_sequences"]["max"] = settings.max_sequences
     ranges["stop"]["max_items"] = settings.max_stop_strings
+    ranges["timeout"].update(max=settings.max_timeout, default=settings.max_timeout)
     return ranges
 
 

@@ -1,11 +1,11 @@
-"""Running one generation request on one loaded model (CPU, inference mode, one at a time)."""
+"""Checking a request against one model, and whole generate() calls (beam search)."""
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,17 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)  # type: ignore[return-value]
 
 
+class Interruption(StoppingCriteria):
+    """Ends every row when ``interrupted()`` says so (client gone, deadline passed)."""
+
+    def __init__(self, interrupted: Callable[[], bool]) -> None:
+        self.interrupted = interrupted
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        stop = self.interrupted()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)  # type: ignore[return-value]
+
+
 class StopStringCriteria(StoppingCriteria):
     """Stops a row once its generated text contains a stop string (same rule as truncation)."""
 
@@ -102,14 +113,11 @@ class StopStringCriteria(StoppingCriteria):
 
 
 class ModelRunner:
-    """Owns one model and runs generation requests on it, one at a time."""
+    """Checks requests against one model, and runs whole generate() calls for the engine."""
 
     def __init__(self, loaded: LoadedModel, limits: Limits) -> None:
         self.loaded = loaded
         self.limits = limits
-        # One request at a time per model: torch already spreads a step over every core, and
-        # the global RNG must not be reseeded by another request mid-generation.
-        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -169,12 +177,8 @@ class ModelRunner:
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         return Job(encoded, dataclasses.replace(params, max_new_tokens=budget))
 
-    def generate(self, prompts: list[PromptInput], params: GenerationParams) -> ModelResult:
-        """Generate continuations for every prompt with the given settings."""
-        return self.run(self.prepare(prompts, params))
-
-    def run(self, job: Job) -> ModelResult:
-        """Run a prepared job: one batched generate() call under this model's lock."""
+    def run(self, job: Job, interrupted: Callable[[], bool] | None = None) -> ModelResult:
+        """Run a prepared job with one generate() call (the engine uses it for beam search)."""
         params = job.params
         tokenizer = self.loaded.tokenizer
         batch = tokenizer.pad({"input_ids": job.encoded}, padding=True, return_tensors="pt")
@@ -186,22 +190,23 @@ class ModelRunner:
         )
         clock = StepClock()
         criteria = StoppingCriteriaList([clock])
+        if interrupted is not None:
+            criteria.append(Interruption(interrupted))
         if params.stop:
             width = batch["input_ids"].shape[1]
             matcher = StopSequenceMatcher(params.stop)
             criteria.append(StopStringCriteria(tokenizer, matcher, width))
-        with self._lock:
-            started = time.perf_counter()
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                sequences = self.loaded.model.generate(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    generation_config=config,
-                    stopping_criteria=criteria,
-                )
-            finished = time.perf_counter()
+        started = time.perf_counter()
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            sequences = self.loaded.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                generation_config=config,
+                stopping_criteria=criteria,
+            )
+        finished = time.perf_counter()
         outputs = self.decode(sequences[:, batch["input_ids"].shape[1] :], params)
         produced = sum(o.completion_tokens for o in outputs)
         elapsed = finished - started

@@ -20,3 +20,17 @@ class StopSequenceMatcher:
         """Text cut just before the first stop string, and whether one was found."""
         index = self.find(text)
         return (text, False) if index is None else (text[:index], True)
+
+    def holdback(self, text: str) -> int:
+        """How many trailing characters could still be the start of a stop string.
+
+        A stream must keep these back: the next token may complete the stop string, and
+        then they are not output.
+        """
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

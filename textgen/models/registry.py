@@ -8,6 +8,9 @@ import time
 from typing import Any
 
 from textgen.config import Settings
+from textgen.engine.scheduler import Engine, EngineLimits
+from textgen.engine.sequence import Failed, Finished
+from textgen.engine.submission import Submission
 from textgen.generation.prompts import PromptInput
 from textgen.generation.runner import Limits, ModelRunner
 from textgen.generation.strategies import GenerationParams
@@ -36,7 +39,12 @@ class ModelRegistry:
             max_new_tokens=settings.max_new_tokens,
             default_max_new_tokens=settings.default_max_new_tokens,
         )
-        self._runners: dict[str, ModelRunner] = {}
+        self.engine_limits = EngineLimits(
+            max_batch=settings.max_batch,
+            max_requests=settings.max_queue,
+            max_pending_tokens=settings.max_queue_tokens,
+        )
+        self._engines: dict[str, Engine] = {}
         self._state = "idle"
         self._detail = "not started"
         self._started = time.monotonic()
@@ -57,7 +65,7 @@ class ModelRegistry:
             return {
                 "status": self._state,
                 "detail": self._detail,
-                "models": list(self._runners),
+                "models": list(self._engines),
                 "ready_after_s": self._ready_after,
             }
 
@@ -86,46 +94,58 @@ class ModelRegistry:
             for number, spec in enumerate(specs, 1):
                 self._set("loading", f"loading model {spec.name!r} ({number}/{len(specs)})")
                 loaded = load_model(spec, self.cache, self.settings.hub_probe_timeout)
-                runner = ModelRunner(loaded, self.limits)
+                engine = Engine(ModelRunner(loaded, self.limits), self.engine_limits)
+                engine.start()
                 if self.settings.warmup:
                     self._set("loading", f"warming up model {spec.name!r}")
-                    warm_up(runner)
+                    warm_up(engine)
                 with self._guard:
-                    self._runners[spec.name] = runner
+                    self._engines[spec.name] = engine
         except Exception as exc:
             self._set("failed", str(exc))
             raise
         with self._guard:
             self._state, self._detail = "ready", "all models loaded"
             self._ready_after = round(time.monotonic() - self._started, 3)
-        log.info("ready after %.1f s: %s", self._ready_after, ", ".join(self._runners))
+        log.info("ready after %.1f s: %s", self._ready_after, ", ".join(self._engines))
 
-    def runner(self, name: str | None) -> ModelRunner:
-        """The runner for a model name (the default model when None)."""
+    def engine(self, name: str | None) -> Engine:
+        """The engine serving a model name (the default model when None)."""
         name = name or self.default_name
         if name not in self.names:
             raise UnknownModel(name)
         with self._guard:
-            runner = self._runners.get(name)
-            if runner is None:
+            engine = self._engines.get(name)
+            if engine is None:
                 raise ModelsNotReady(self._detail)
-            return runner
+            return engine
+
+    def engine_metrics(self) -> dict[str, Any]:
+        """Each loaded model's engine counters and latencies."""
+        with self._guard:
+            engines = dict(self._engines)
+        return {name: engine.metrics.snapshot() for name, engine in engines.items()}
 
     def describe(self) -> list[dict[str, Any]]:
         """Every configured model: loaded facts, or its spec and state while loading."""
         out = []
         with self._guard:
-            runners = dict(self._runners)
+            engines = dict(self._engines)
         for spec in self.settings.models:
-            runner = runners.get(spec.name)
-            if runner is not None:
-                out.append({**runner.loaded.info(), "status": "ready"})
+            engine = engines.get(spec.name)
+            if engine is not None:
+                out.append({**engine.runner.loaded.info(), "status": "ready"})
             else:
                 out.append({**spec.describe(), "status": self._state})
         return out
 
 
-def warm_up(runner: ModelRunner) -> None:
-    """One tiny greedy generation, so the first request does not pay for lazy initialisation."""
+def warm_up(engine: Engine) -> None:
+    """One tiny greedy generation through the engine, so the first request pays no lazy setup."""
     params = GenerationParams(strategy="greedy", do_sample=False, max_new_tokens=2)
-    runner.generate([PromptInput(text="Hello")], params)
+    job = engine.runner.prepare([PromptInput(text="Hello")], params)
+    submission = Submission.start([(engine, job)], deadline_s=600)
+    for item in submission.events(poll=1.0):
+        if item is not None and isinstance(item[1], Failed):
+            raise RuntimeError(f"warm-up of {engine.name!r} failed: {item[1].message}")
+    assert all(isinstance(e, Finished) for e in submission.finished.values())

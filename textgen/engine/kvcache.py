@@ -1,0 +1,129 @@
+"""A KV cache whose rows (sequences) can join and leave a running batch between decode steps."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+# Spare columns allocated beyond what is needed, so most steps write in place.
+HEADROOM = 64
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values in a preallocated buffer, written in place.
+
+    transformers' DynamicLayer concatenates the whole cache on every step (a full copy per token);
+    here a step writes one column and only growth past the buffer copies.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.length = 0
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            self.reserve(end + HEADROOM, key_states, value_states)
+        assert self.key_buffer is not None and self.value_buffer is not None
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.set_length(end)
+        return self.current()
+
+    def reserve(self, capacity: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        """Grow the buffers to ``capacity`` columns, keeping what they hold."""
+        keys = key_like.new_zeros(*key_like.shape[:2], capacity, key_like.shape[-1])
+        values = value_like.new_zeros(*value_like.shape[:2], capacity, value_like.shape[-1])
+        if self.key_buffer is not None and self.value_buffer is not None:
+            keys[:, :, : self.length] = self.key_buffer[:, :, : self.length]
+            values[:, :, : self.length] = self.value_buffer[:, :, : self.length]
+        self.key_buffer, self.value_buffer = keys, values
+
+    def set_length(self, length: int) -> None:
+        assert self.key_buffer is not None and self.value_buffer is not None
+        self.length = length
+        self.keys = self.key_buffer[:, :, :length]
+        self.values = self.value_buffer[:, :, :length]
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled part of the keys and values (views into the buffers)."""
+        assert self.key_buffer is not None and self.value_buffer is not None
+        return self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.key_buffer is not None and self.value_buffer is not None:
+            self.key_buffer = self.key_buffer[indices]
+            self.value_buffer = self.value_buffer[indices]
+            self.set_length(self.length)
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first ``columns`` positions (padding no row attends to any more)."""
+        if columns and self.key_buffer is not None and self.value_buffer is not None:
+            self.key_buffer = self.key_buffer[:, :, columns:]
+            self.value_buffer = self.value_buffer[:, :, columns:]
+            self.set_length(self.length - columns)
+
+
+class BatchCache(Cache):
+    """The running batch's cache: rows are sequences, all aligned on the right (left padding)."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=SlotLayer)
+
+    @property
+    def slots(self) -> list[SlotLayer]:
+        """The layers, which are all SlotLayers (this cache creates no other kind)."""
+        return cast(list[SlotLayer], self.layers)
+
+    @property
+    def length(self) -> int:
+        return self.slots[0].get_seq_length() if self.layers else 0
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (finished or cancelled sequences leave)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        for layer in self.slots:
+            layer.batch_select_indices(index)
+
+    def drop_leading(self, columns: int) -> None:
+        for layer in self.slots:
+            layer.drop_leading(columns)
+
+    def extend(self, other: BatchCache) -> None:
+        """Append ``other``'s rows below ours, left-padding whichever is shorter."""
+        if not self.layers:
+            self.layers = other.layers
+            return
+        length = max(self.length, other.length)
+        for number, (mine, theirs) in enumerate(zip(self.slots, other.slots, strict=True)):
+            (my_keys, my_values), (their_keys, their_values) = mine.current(), theirs.current()
+            merged = SlotLayer()
+            merged.lazy_initialization(my_keys, my_values)
+            merged.key_buffer = stack_right_aligned(my_keys, their_keys, length + HEADROOM)
+            merged.value_buffer = stack_right_aligned(my_values, their_values, length + HEADROOM)
+            merged.set_length(length)
+            self.layers[number] = merged
+
+
+def stack_right_aligned(top: torch.Tensor, bottom: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B1+B2, H, capacity, D] with each part's columns ending at the same position."""
+    length = max(top.shape[-2], bottom.shape[-2])
+    out = top.new_zeros(top.shape[0] + bottom.shape[0], top.shape[1], capacity, top.shape[-1])
+    out[: top.shape[0], :, length - top.shape[-2] : length] = top
+    out[top.shape[0] :, :, length - bottom.shape[-2] : length] = bottom
+    return out

@@ -1,0 +1,72 @@
+"""Counters and latency samples an engine keeps (the ops endpoints read them)."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+SAMPLES = 2048
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile, or None without samples."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class EngineMetrics:
+    """Thread-safe counters, gauges and recent latency samples of one engine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters = {
+            "requests": 0,
+            "rejected": 0,
+            "cancelled": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "steps": 0,
+        }
+        self.gauges = {"queued": 0, "running": 0, "pending_tokens": 0}
+        self.samples: dict[str, deque[float]] = {
+            name: deque(maxlen=SAMPLES)
+            for name in ("queue_s", "time_to_first_token_s", "inter_token_s", "batch_size")
+        }
+        self.throughput = 0.0  # generated tokens/s, exponentially smoothed over steps
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += amount
+
+    def observe(self, name: str, value: float) -> None:
+        with self._lock:
+            self.samples[name].append(value)
+
+    def set(self, **gauges: int) -> None:
+        with self._lock:
+            self.gauges.update(gauges)
+
+    def step(self, tokens: int, seconds: float) -> None:
+        """Record one decode step: its tokens, duration and batch size."""
+        with self._lock:
+            self.counters["steps"] += 1
+            self.counters["generated_tokens"] += tokens
+            self.samples["batch_size"].append(tokens)
+            if seconds > 0:
+                rate = tokens / seconds
+                self.throughput = (
+                    rate if not self.throughput else 0.8 * self.throughput + 0.2 * rate
+                )
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy: counters, gauges, p50/p95 of each sample set."""
+        with self._lock:
+            out: dict[str, Any] = {**self.counters, **self.gauges}
+            out["throughput_tokens_per_s"] = round(self.throughput, 2)
+            for name, values in self.samples.items():
+                data = list(values)
+                out[name] = {"p50": percentile(data, 0.5), "p95": percentile(data, 0.95)}
+        return out

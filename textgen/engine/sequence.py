@@ -1,0 +1,141 @@
+"""One output being generated: its tokens, text, stop rules and finish reason."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from textgen.engine.detokenize import IncrementalDetokenizer
+from textgen.engine.sampling import TokenChooser
+from textgen.generation.runner import Job
+from textgen.generation.stopping import StopSequenceMatcher
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text for one output."""
+
+    prompt_index: int
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An output is complete."""
+
+    prompt_index: int
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine could not complete the request."""
+
+    message: str
+
+
+class RequestHandle:
+    """What a request handler holds: the events its outputs produce, and a way to cancel."""
+
+    def __init__(self, model: str, job: Job, events: queue.Queue[Any], deadline: float) -> None:
+        self.id = uuid.uuid4().hex
+        self.model = model
+        self.job = job
+        self.events = events
+        self.deadline = deadline
+        self.created = time.perf_counter()
+        self.admitted: float | None = None
+        self.first_token: float | None = None
+        self.finished: float | None = None
+        self.outputs = len(job.encoded) * job.params.num_return_sequences
+        self.done = 0
+        self.generated = 0
+        self._cancelled = threading.Event()
+
+    @property
+    def tokens_budget(self) -> int:
+        assert self.job.params.max_new_tokens is not None
+        return self.outputs * self.job.params.max_new_tokens
+
+    def cancel(self) -> None:
+        """The client left: the engine drops this request at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def post(self, event: Delta | Finished | Failed) -> None:
+        """Send an event to the handler; the last output's Finished also stamps the end time."""
+        if isinstance(event, Finished):
+            self.done += 1
+            if self.done == self.outputs:
+                self.finished = time.perf_counter()
+        self.events.put((self, event))
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.outputs
+
+
+@dataclass
+class Sequence:
+    """The state of one output row in the running batch."""
+
+    handle: RequestHandle
+    prompt_index: int
+    index: int
+    prompt: list[int]
+    chooser: TokenChooser
+    detokenizer: IncrementalDetokenizer
+    matcher: StopSequenceMatcher
+    eos: frozenset[int]
+    budget: int
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0
+    next_input: int = -1
+    finish_reason: str | None = None
+    last_token_at: float | None = None
+
+    def history(self) -> list[int]:
+        return self.prompt + self.generated
+
+    def accept(self, token: int) -> None:
+        """Take the chosen token: emit the text that is now safe, or finish."""
+        self.next_input = token
+        self.generated.append(token)
+        if token in self.eos:
+            self.finish("eos")
+            return
+        self.detokenizer.push(token)
+        text = self.detokenizer.text
+        if self.matcher.find(text) is not None:
+            self.finish("stop")
+        elif len(self.generated) >= self.budget:
+            self.finish("length")
+        else:
+            self.emit_until(len(text) - self.matcher.holdback(text))
+
+    def emit_until(self, end: int) -> None:
+        if end > self.emitted:
+            text = self.detokenizer.text[self.emitted : end]
+            self.emitted = end
+            self.handle.post(Delta(self.prompt_index, self.index, text))
+
+    def finish(self, reason: str) -> None:
+        """End the output: send what remains of its text (cut before any stop string)."""
+        self.detokenizer.flush()
+        text, stopped = self.matcher.truncate(self.detokenizer.text)
+        self.finish_reason = "stop" if stopped else reason
+        self.emit_until(len(text))
+        self.handle.post(
+            Finished(self.prompt_index, self.index, text, self.finish_reason, len(self.generated))
+        )

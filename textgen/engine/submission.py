@@ -1,0 +1,62 @@
+"""A request as the HTTP layer sees it: jobs on one or more engines, and their merged events."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from textgen.engine.scheduler import Engine
+from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
+from textgen.generation.runner import Job
+
+Event = Delta | Finished | Failed
+
+
+class Submission:
+    """Jobs submitted together (one per model), read through a single event queue."""
+
+    def __init__(self, handles: list[RequestHandle], events: queue.Queue[Any]) -> None:
+        self.handles = handles
+        self._events = events
+        self.finished: dict[tuple[str, int, int], Finished] = {}
+        self.expected = sum(h.outputs for h in handles)
+
+    @classmethod
+    def start(cls, jobs: list[tuple[Engine, Job]], deadline_s: float) -> Submission:
+        """Submit every job, or none: if one engine is full, the others' jobs are withdrawn."""
+        events: queue.Queue[Any] = queue.Queue()
+        deadline = time.perf_counter() + deadline_s
+        handles: list[RequestHandle] = []
+        try:
+            for engine, job in jobs:
+                handles.append(engine.submit(job, events, deadline))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return cls(handles, events)
+
+    def cancel(self) -> None:
+        """Withdraw every job (no-op for finished ones)."""
+        for handle in self.handles:
+            handle.cancel()
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) >= self.expected
+
+    def events(self, poll: float) -> Iterator[tuple[RequestHandle, Event] | None]:
+        """Events until every output finished or one failed; None after ``poll`` idle seconds."""
+        while not self.done:
+            try:
+                handle, event = self._events.get(timeout=poll)
+            except queue.Empty:
+                yield None
+                continue
+            if isinstance(event, Finished):
+                self.finished[(handle.model, event.prompt_index, event.index)] = event
+            yield handle, event
+            if isinstance(event, Failed):
+                return
