@@ -36,6 +36,7 @@ pytest: setup-dev
 
 bench: setup-dev
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

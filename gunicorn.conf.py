@@ -53,9 +53,9 @@ os.environ["OMP_NUM_THREADS"] = str(_torch_threads)
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 worker_class = "gthread"
-# Request threads mostly wait on the model; they are cheap and let /health answer during a
-# long generation.
-threads = _int_env("GUNICORN_THREADS", 8)
+# Request threads mostly wait on the engine (a streaming client holds one for its whole
+# request); they are cheap, and enough of them lets every batch slot be used and /health answer.
+threads = _int_env("GUNICORN_THREADS", 32)
 # gthread workers heartbeat from their main loop, not from request threads, so this bounds a
 # stuck worker, not a generation; it must exceed model loading, which runs in the background.
 timeout = _int_env("GUNICORN_TIMEOUT", 600)

@@ -223,3 +223,22 @@ def test_a_failing_model_in_a_multi_model_request_generates_nothing(
     assert calls == []
     assert client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200
     assert calls == ["tiny-llama"]
+
+
+def test_ignore_eos_generates_the_full_budget(app: Flask, client: FlaskClient) -> None:
+    loaded = runner(app, "tiny-llama").loaded
+    # Make EOS the certain next token, then ask to ignore it.
+    bias = torch.zeros(loaded.model.config.vocab_size)
+    bias[loaded.eos_token_ids[0]] = 1e4
+    head = loaded.model.lm_head
+    original = head.bias
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        ended = generate(client, prompt="Hi", max_new_tokens=6)["results"][0]["outputs"][0]
+        full = generate(client, prompt="Hi", max_new_tokens=6, ignore_eos=True)
+    finally:
+        head.bias = original
+    assert ended["finish_reason"] == "eos" and ended["completion_tokens"] == 1
+    output = full["results"][0]["outputs"][0]
+    assert output["finish_reason"] == "length" and output["completion_tokens"] == 6
+    assert full["results"][0]["parameters"]["ignore_eos"] is True

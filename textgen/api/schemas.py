@@ -41,6 +41,7 @@ RANGES: dict[str, dict[str, Any]] = {
     "seed": {"type": "integer", "min": 0, "max": 2**63 - 1},
     "stop": {"type": "string or list of strings", "max_length": 256},
     "timeout": {"type": "number", "min_exclusive": 0.0},
+    "ignore_eos": {"type": "boolean", "default": False},
 }
 
 
@@ -153,6 +154,7 @@ class GenerateSchema(Schema):
     do_sample = StrictBoolean()
     seed = StrictInteger(validate=_range("seed"))
     stop = StringOrList(max_chars=RANGES["stop"]["max_length"])
+    ignore_eos = StrictBoolean()
     stream = StrictBoolean()
     timeout = StrictFloat(validate=_range("timeout"))
 

@@ -176,7 +176,7 @@ class Engine:
                         chooser=TokenChooser(params, index),
                         detokenizer=IncrementalDetokenizer(self._decode),
                         matcher=StopSequenceMatcher(params.stop),
-                        eos=frozenset(loaded.eos_token_ids),
+                        eos=frozenset() if params.ignore_eos else frozenset(loaded.eos_token_ids),
                         budget=params.max_new_tokens,
                     )
                 )

@@ -185,7 +185,7 @@ class ModelRunner:
         config = GenerationConfig(
             **params.generation_kwargs(),
             max_new_tokens=params.max_new_tokens,
-            eos_token_id=list(self.loaded.eos_token_ids) or None,
+            eos_token_id=None if params.ignore_eos else list(self.loaded.eos_token_ids) or None,
             pad_token_id=self.loaded.pad_token_id,
         )
         clock = StepClock()
@@ -226,7 +226,7 @@ class ModelRunner:
     def decode(self, generated: torch.Tensor, params: GenerationParams) -> list[Output]:
         """Text, finish reason and token count of each generated row."""
         matcher = StopSequenceMatcher(params.stop)
-        eos = set(self.loaded.eos_token_ids)
+        eos = set() if params.ignore_eos else set(self.loaded.eos_token_ids)
         pad = self.loaded.pad_token_id
         outputs = []
         for row, tokens in enumerate(generated.tolist()):

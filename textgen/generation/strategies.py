@@ -12,6 +12,7 @@ COMMON = (
     "repetition_penalty",
     "no_repeat_ngram_size",
     "stop",
+    "ignore_eos",
 )
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "seed")
 
@@ -94,12 +95,15 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     early_stopping: bool = False
+    ignore_eos: bool = False
 
     def applied(self) -> dict[str, Any]:
         """The settings reported back to the client (unused knobs left out)."""
         values = asdict(self)
         if self.num_beams == 1:
             del values["early_stopping"]
+        if not self.ignore_eos:
+            del values["ignore_eos"]
         return {key: value for key, value in values.items() if value not in (None, ())}
 
     def generation_kwargs(self) -> dict[str, Any]:

@@ -1,0 +1,267 @@
+"""Closed-loop throughput and latency: textgen against llama.cpp's server, same run.
+
+Workload (as in shared/ANCHORS.md): greedy decoding of 128 new tokens per request with EOS
+ignored, short prompts, C concurrent streaming clients, C in 1, 4, 16. Reports output tokens/s,
+requests/s, time to first token p50/p95 and inter-token latency p50/p95 per server and C, and
+an in-process `model.generate()` run (the design before the engine) as the C=1 "before" anchor.
+
+Usage: python bench/throughput.py [--levels 1,4,16] [--requests-per-client 2] [--no-llama]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+ANCHOR = REPO.parent / "shared" / "anchors" / "llama-server.sh"
+NEW_TOKENS = 128
+TOPICS = ["the sea", "a robot", "autumn", "a city", "bread", "a library", "mountains", "time"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def stream_request(url: str, body: dict[str, Any]) -> tuple[float, list[float], int]:
+    """POST a streaming request; (time to first text, gaps between text events, tokens)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    started = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            text = event.get("text")
+            if text is None and event.get("choices"):
+                text = event["choices"][0].get("text")
+            if text:
+                stamps.append(time.perf_counter())
+            tokens = event.get("completion_tokens") or tokens
+            usage = event.get("usage") or {}
+            tokens = usage.get("completion_tokens") or tokens
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return (stamps[0] - started if stamps else float("nan")), gaps, tokens or NEW_TOKENS
+
+
+def run_level(
+    make: Callable[[int], tuple[str, dict[str, Any]]], clients: int, per_client: int
+) -> dict[str, Any]:
+    """C clients in a closed loop, each sending ``per_client`` requests back to back."""
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        for i in range(per_client):
+            url, body = make(number * per_client + i)
+            first, between, count = stream_request(url, body)
+            with lock:
+                ttfts.append(first)
+                gaps.extend(between)
+                tokens[0] += count
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "requests": clients * per_client,
+        "output_tokens_per_s": round(tokens[0] / elapsed, 1),
+        "requests_per_s": round(clients * per_client / elapsed, 3),
+        "ttft_p50_s": round(quantile(ttfts, 0.5), 3),
+        "ttft_p95_s": round(quantile(ttfts, 0.95), 3),
+        "itl_p50_ms": round(1000 * quantile(gaps, 0.5), 1),
+        "itl_p95_ms": round(1000 * quantile(gaps, 0.95), 1),
+    }
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def prompt(i: int) -> str:
+    return f"Write a story about {TOPICS[i % len(TOPICS)]}."
+
+
+def textgen_body(i: int) -> dict[str, Any]:
+    return {
+        "prompt": prompt(i),
+        "strategy": "greedy",
+        "max_new_tokens": NEW_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
+def llama_body(i: int) -> dict[str, Any]:
+    return {
+        "prompt": prompt(i),
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
+def measure(
+    name: str, url: str, body: Callable[[int], dict[str, Any]], levels: list[int], per: int
+) -> list[dict[str, Any]]:
+    stream_request(url, body(0))  # warm-up
+    results = []
+    for clients in levels:
+        result = {"server": name, **run_level(lambda i: (url, body(i)), clients, per)}
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+def generate_baseline() -> dict[str, Any]:
+    """The design before the engine: one model.generate() per request, in process, C=1."""
+    code = f"""
+import json, time, torch
+from textgen.config import load_settings
+from textgen.models.cache import ModelCache
+from textgen.models.loading import load_model
+settings = load_settings({{}})
+loaded = load_model(settings.models[0], ModelCache(settings.model_cache))
+enc = loaded.tokenizer("Write a story about the sea.", return_tensors="pt")
+kwargs = dict(do_sample=False, max_new_tokens={NEW_TOKENS}, min_new_tokens={NEW_TOKENS},
+              pad_token_id=loaded.pad_token_id)
+with torch.inference_mode():
+    loaded.model.generate(**enc, **kwargs)
+    started = time.perf_counter()
+    for _ in range(2):
+        loaded.model.generate(**enc, **kwargs)
+rate = 2 * {NEW_TOKENS} / (time.perf_counter() - started)
+print(json.dumps({{"output_tokens_per_s": round(rate, 1)}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return {
+        "server": "model.generate() per request (before the engine)",
+        "clients": 1,
+        **json.loads(out.stdout.strip().splitlines()[-1]),
+    }
+
+
+def start_textgen(port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
+    env["TEXTGEN_BIND"] = f"127.0.0.1:{port}"
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def start_llama(port: int) -> subprocess.Popen[bytes]:
+    from textgen.models.sources import embedded_gguf
+    from textgen.models.specs import make_spec
+
+    gguf = embedded_gguf(make_spec("smollm2-135m-instruct"))
+    return subprocess.Popen(
+        ["bash", str(ANCHOR), str(gguf), str(port), "-np", "16", "-c", "16384"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--no-llama", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "throughput.json")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    results = [generate_baseline()]
+    print(json.dumps(results[0]), flush=True)
+
+    port = free_port()
+    server = start_textgen(port)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", server)
+        url = f"http://127.0.0.1:{port}/generate"
+        results += measure("textgen", url, textgen_body, levels, args.requests_per_client)
+    finally:
+        stop(server)
+
+    if not args.no_llama and ANCHOR.exists():
+        port = free_port()
+        anchor = start_llama(port)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", anchor)
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            results += measure(
+                "llama.cpp llama-server", url, llama_body, levels, args.requests_per_client
+            )
+        finally:
+            stop(anchor)
+
+    report = {
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "python": platform.python_version(),
+        "workload": f"greedy, {NEW_TOKENS} new tokens, EOS ignored, streaming, closed loop",
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
