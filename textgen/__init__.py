@@ -13,10 +13,12 @@ __version__ = "0.1.0"
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app: settings, error handlers, routes and this worker's model registry."""
-    from textgen.api import generate, info
+    from textgen.api import generate, info, tokenize
     from textgen.api.errors import register_error_handlers
     from textgen.config import PREFIX, check_unknown_env, load_settings
     from textgen.models.registry import ModelRegistry
+    from textgen.openai import chat, completions
+    from textgen.openai import models as openai_models
     from textgen.runtime import configure_torch
 
     app = Flask(__name__)
@@ -34,8 +36,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     configure_torch(settings.torch_threads)
 
     register_error_handlers(app)
-    app.register_blueprint(generate.bp)
-    app.register_blueprint(info.bp)
+    for module in (generate, info, tokenize, completions, chat, openai_models):
+        app.register_blueprint(module.bp)
 
     registry = ModelRegistry(settings)
     app.extensions["textgen.registry"] = registry

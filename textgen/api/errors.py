@@ -58,6 +58,11 @@ class NotFound(APIError):
     type = "not_found_error"
 
 
+class GenerationFailed(APIError):
+    status = 500
+    type = "server_error"
+
+
 class RateLimited(APIError):
     status = 429
     type = "rate_limit_error"

@@ -10,22 +10,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from textgen.api.errors import APIError
 from textgen.api.schemas import GenerateRequest, GenerateSchema, load_body
-from textgen.api.streaming import DONE, PING, client_gone, sse, sse_response
+from textgen.api.streaming import DONE, follow, sse, sse_error, sse_response, wait_for
 from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
 from textgen.engine.submission import Submission
 from textgen.models.registry import ModelRegistry
 
 bp = Blueprint("generate", __name__)
-
-# How often a waiting handler looks at its client's socket.
-POLL_S = 0.2
-
-
-class GenerationFailed(APIError):
-    status = 500
-    type = "server_error"
 
 
 @bp.post("/generate")
@@ -49,37 +40,19 @@ def submit(registry: ModelRegistry, body: GenerateRequest) -> Submission:
 
 
 def collect_generation(submission: Submission, sock: socket.socket | None) -> dict[str, Any]:
-    """Wait for every output; stop the work if the client leaves meanwhile."""
-    checked = time.monotonic()
-    try:
-        for item in submission.events(POLL_S):
-            if item is not None and isinstance(item[1], Failed):
-                raise GenerationFailed(item[1].message, code="generation_failed")
-            # Events arrive every step, so look at the socket on a clock, not when idle.
-            if time.monotonic() - checked >= POLL_S:
-                checked = time.monotonic()
-                if client_gone(sock):
-                    return {}
-    finally:
-        submission.cancel()  # a no-op once everything finished
-    return response_body(submission)
+    """Wait for every output; an empty body if the client left meanwhile (nobody reads it)."""
+    return response_body(submission) if wait_for(submission, sock) else {}
 
 
 def stream_generation(
     submission: Submission, sock: socket.socket | None, ping_s: float
 ) -> Iterator[str]:
     """Server-sent events: text deltas, each output's finish, a summary, then [DONE]."""
-    quiet_since = time.monotonic()
     try:
-        for item in submission.events(POLL_S):
-            if item is None:
-                if client_gone(sock):
-                    return
-                if time.monotonic() - quiet_since >= ping_s:
-                    quiet_since = time.monotonic()
-                    yield PING
+        for item in follow(submission, sock, ping_s):
+            if isinstance(item, str):
+                yield item
                 continue
-            quiet_since = time.monotonic()
             handle, event = item
             if isinstance(event, Delta) and event.text:
                 yield sse(output_key(handle, event) | {"text": event.text})
@@ -93,10 +66,11 @@ def stream_generation(
                     }
                 )
             elif isinstance(event, Failed):
-                error = {"message": event.message, "type": "server_error", "param": None}
-                yield sse({"error": error | {"code": "generation_failed"}})
+                yield sse_error(event.message)
                 yield DONE
                 return
+        if not submission.done:
+            return  # the client left
         summary = response_body(submission)
         yield sse({k: v for k, v in summary.items() if k != "results"} | summaries(summary))
         yield DONE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,15 @@ from marshmallow import (
 )
 
 from textgen.api.errors import InvalidRequest
+from textgen.api.fields import (
+    RANGES,
+    LogitBias,
+    StrictBoolean,
+    StrictFloat,
+    StrictInteger,
+    StringOrList,
+    in_range,
+)
 from textgen.config import Settings
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import (
@@ -27,77 +35,20 @@ from textgen.generation.strategies import (
     resolve_params,
 )
 
-# Static ranges; the server's caps (settings) narrow the upper bounds at validation time.
-RANGES: dict[str, dict[str, Any]] = {
-    "max_new_tokens": {"type": "integer", "min": 1},
-    "max_length": {"type": "integer", "min": 1},
-    "temperature": {"type": "number", "min": 0.01, "max": 5.0},
-    "top_p": {"type": "number", "min_exclusive": 0.0, "max": 1.0},
-    "top_k": {"type": "integer", "min": 0, "max": 1000},
-    "num_beams": {"type": "integer", "min": 1},
-    "num_return_sequences": {"type": "integer", "min": 1},
-    "repetition_penalty": {"type": "number", "min": 0.01, "max": 10.0},
-    "no_repeat_ngram_size": {"type": "integer", "min": 0, "max": 64},
-    "seed": {"type": "integer", "min": 0, "max": 2**63 - 1},
-    "stop": {"type": "string or list of strings", "max_length": 256},
-    "timeout": {"type": "number", "min_exclusive": 0.0},
-    "ignore_eos": {"type": "boolean", "default": False},
-}
-
-
-class StrictInteger(fields.Integer):
-    """An integer that must arrive as a JSON integer (no strings, floats or booleans)."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.make_error("invalid")
-        return value
-
-
-class StrictFloat(fields.Float):
-    """A finite number that must arrive as a JSON number."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise self.make_error("invalid")
-        return float(value)
-
-
-class StrictBoolean(fields.Boolean):
-    """true or false, nothing else."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.make_error("invalid")
-        return value
-
-
-class StringOrList(fields.Field):
-    """A non-empty string, or a non-empty list of non-empty strings; loads as a list."""
-
-    default_error_messages = {
-        "invalid": "Must be a string or a list of strings.",
-        "empty": "Must not be empty.",
-        "too_long": "Each string may have at most {max} characters.",
-    }
-
-    def __init__(self, max_chars: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.max_chars = max_chars
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise self.make_error("invalid")
-        if not items or any(not item for item in items):
-            raise self.make_error("empty")
-        if self.max_chars is not None and any(len(item) > self.max_chars for item in items):
-            raise self.make_error("too_long", max=self.max_chars)
-        return items
+# Knobs that mean the same in every API; they pass to resolve_params under these names.
+SHARED_KNOBS = (
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "min_tokens",
+)
 
 
 class MessageSchema(Schema):
@@ -110,11 +61,57 @@ class MessageSchema(Schema):
     content = fields.String(required=True)
 
 
-def _range(name: str) -> validate.Range:
-    spec = RANGES[name]
-    if "min_exclusive" in spec:
-        return validate.Range(min=spec["min_exclusive"], max=spec.get("max"), min_inclusive=False)
-    return validate.Range(min=spec.get("min"), max=spec.get("max"))
+class SharedSchema(Schema):
+    """Fields every generation API takes, and the server caps they must respect."""
+
+    class Meta:
+        unknown = RAISE
+
+    top_p = StrictFloat(validate=in_range("top_p"))
+    top_k = StrictInteger(validate=in_range("top_k"))
+    min_p = StrictFloat(validate=in_range("min_p"))
+    repetition_penalty = StrictFloat(validate=in_range("repetition_penalty"))
+    presence_penalty = StrictFloat(validate=in_range("presence_penalty"))
+    frequency_penalty = StrictFloat(validate=in_range("frequency_penalty"))
+    logit_bias = LogitBias()
+    seed = StrictInteger(validate=in_range("seed"))
+    stop = StringOrList(max_chars=RANGES["stop"]["max_length"])
+    ignore_eos = StrictBoolean()
+    min_tokens = StrictInteger(validate=in_range("min_tokens"))
+    stream = StrictBoolean()
+    timeout = StrictFloat(validate=in_range("timeout"))
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+
+    @validates_schema
+    def check_caps(self, data: dict[str, Any], **_: Any) -> None:
+        caps = self.settings
+        if len(data.get("stop", ())) > caps.max_stop_strings:
+            raise ValidationError(f"at most {caps.max_stop_strings} stop strings", "stop")
+        if data.get("timeout", 0) > caps.max_timeout:
+            raise ValidationError(f"must be at most {caps.max_timeout} s on this server", "timeout")
+        if data.get("min_tokens", 0) > caps.max_new_tokens:
+            raise ValidationError(f"must be at most {caps.max_new_tokens}", "min_tokens")
+
+    def check_new_tokens(self, value: int | None, name: str) -> None:
+        """A requested number of new tokens must fit the server's cap."""
+        if value is not None and value > self.settings.max_new_tokens:
+            raise ValidationError(
+                f"must be at most {self.settings.max_new_tokens} on this server", name
+            )
+
+    def deadline_s(self, data: dict[str, Any]) -> float:
+        return float(data.get("timeout", self.settings.max_timeout))
+
+
+def resolve(fields: dict[str, Any]) -> GenerationParams:
+    """resolve_params, with its errors as validation errors that name the field."""
+    try:
+        return resolve_params(fields)
+    except StrategyError as exc:
+        raise ValidationError(str(exc), exc.param) from exc
 
 
 @dataclass(frozen=True)
@@ -128,11 +125,8 @@ class GenerateRequest:
     timeout: float
 
 
-class GenerateSchema(Schema):
+class GenerateSchema(SharedSchema):
     """POST /generate. Caps come from the server's settings."""
-
-    class Meta:
-        unknown = RAISE
 
     prompt = StringOrList()
     messages = fields.List(fields.Nested(MessageSchema), validate=validate.Length(min=1))
@@ -142,25 +136,13 @@ class GenerateSchema(Schema):
         fields.String(validate=validate.Length(min=1)), validate=validate.Length(min=1)
     )
     strategy = fields.String(validate=validate.OneOf(list(STRATEGIES)))
-    max_new_tokens = StrictInteger(validate=_range("max_new_tokens"))
-    max_length = StrictInteger(validate=_range("max_length"))
-    temperature = StrictFloat(validate=_range("temperature"))
-    top_p = StrictFloat(validate=_range("top_p"))
-    top_k = StrictInteger(validate=_range("top_k"))
-    num_beams = StrictInteger(validate=_range("num_beams"))
-    num_return_sequences = StrictInteger(validate=_range("num_return_sequences"))
-    repetition_penalty = StrictFloat(validate=_range("repetition_penalty"))
-    no_repeat_ngram_size = StrictInteger(validate=_range("no_repeat_ngram_size"))
+    max_new_tokens = StrictInteger(validate=in_range("max_new_tokens"))
+    max_length = StrictInteger(validate=in_range("max_length"))
+    temperature = StrictFloat(validate=in_range("temperature"))
+    num_beams = StrictInteger(validate=in_range("num_beams"))
+    num_return_sequences = StrictInteger(validate=in_range("num_return_sequences"))
+    no_repeat_ngram_size = StrictInteger(validate=in_range("no_repeat_ngram_size"))
     do_sample = StrictBoolean()
-    seed = StrictInteger(validate=_range("seed"))
-    stop = StringOrList(max_chars=RANGES["stop"]["max_length"])
-    ignore_eos = StrictBoolean()
-    stream = StrictBoolean()
-    timeout = StrictFloat(validate=_range("timeout"))
-
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
 
     @validates_schema
     def check_combinations(self, data: dict[str, Any], **_: Any) -> None:
@@ -175,14 +157,7 @@ class GenerateSchema(Schema):
             raise ValidationError("messages are always chat; drop chat=false", "chat")
         if len(data.get("prompt", ())) > caps.max_prompts:
             raise ValidationError(f"at most {caps.max_prompts} prompts per request", "prompt")
-        if len(data.get("stop", ())) > caps.max_stop_strings:
-            raise ValidationError(f"at most {caps.max_stop_strings} stop strings", "stop")
-        if data.get("max_new_tokens", 0) > caps.max_new_tokens:
-            raise ValidationError(
-                f"must be at most {caps.max_new_tokens} on this server", "max_new_tokens"
-            )
-        if data.get("timeout", 0) > caps.max_timeout:
-            raise ValidationError(f"must be at most {caps.max_timeout} s on this server", "timeout")
+        self.check_new_tokens(data.get("max_new_tokens"), "max_new_tokens")
         sequences = data.get("num_return_sequences", 1) * data.get("num_beams", 1)
         if sequences > caps.max_sequences:
             raise ValidationError(
@@ -193,11 +168,8 @@ class GenerateSchema(Schema):
 
     @post_load
     def make_request(self, data: dict[str, Any], **_: Any) -> GenerateRequest:
-        options = {k: data.pop(k) for k in ("stream", "timeout") if k in data}
-        try:
-            params = resolve_params(data)
-        except StrategyError as exc:
-            raise ValidationError(str(exc), exc.param) from exc
+        options: dict[str, Any] = {k: data.pop(k) for k in ("stream", "timeout") if k in data}
+        params = resolve(data)
         if "messages" in data:
             messages = tuple({"role": m["role"], "content": m["content"]} for m in data["messages"])
             prompts = [PromptInput(messages=messages)]
@@ -209,7 +181,7 @@ class GenerateSchema(Schema):
             models=models,
             params=params,
             stream=options.get("stream", False),
-            timeout=options.get("timeout", self.settings.max_timeout),
+            timeout=self.deadline_s(options),
         )
 
 
@@ -219,6 +191,7 @@ def parameter_ranges(settings: Settings) -> dict[str, dict[str, Any]]:
     ranges["max_new_tokens"].update(
         max=settings.max_new_tokens, default=settings.default_max_new_tokens
     )
+    ranges["min_tokens"]["max"] = settings.max_new_tokens
     ranges["num_beams"]["max"] = settings.max_sequences
     ranges["num_return_sequences"]["max"] = settings.max_sequences
     ranges["stop"]["max_items"] = settings.max_stop_strings

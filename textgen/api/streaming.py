@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import select
 import socket
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Response
+
+from textgen.api.errors import GenerationFailed
+from textgen.engine.sequence import Failed, RequestHandle
+from textgen.engine.submission import Event, Submission
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -16,11 +22,19 @@ SSE_HEADERS = {
 }
 PING = ": ping\n\n"
 DONE = "data: [DONE]\n\n"
+# How often a waiting handler looks at its client's socket.
+POLL_S = 0.2
 
 
 def sse(data: dict[str, Any]) -> str:
     """One event carrying JSON."""
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_error(message: str) -> str:
+    """The event that reports a failure after a stream has started."""
+    error = {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}
+    return sse({"error": error})
 
 
 def sse_response(events: Any) -> Response:
@@ -45,3 +59,39 @@ def client_gone(sock: socket.socket | None) -> bool:
         return False
     except (OSError, ValueError):
         return True
+
+
+def follow(
+    submission: Submission, sock: socket.socket | None, ping_s: float | None = None
+) -> Iterator[tuple[RequestHandle, Event] | str]:
+    """A submission's events for a handler, with PING after ``ping_s`` quiet seconds.
+
+    Ends when every output finished, one failed (the Failed event is yielded), or the client
+    left; whatever ends it, unfinished work is cancelled. Events arrive every decode step, so
+    the client's socket is looked at on a clock rather than when idle.
+    """
+    quiet_since = checked = time.monotonic()
+    try:
+        for item in submission.events(POLL_S):
+            now = time.monotonic()
+            if now - checked >= POLL_S:
+                checked = now
+                if client_gone(sock):
+                    return
+            if item is None:
+                if ping_s is not None and now - quiet_since >= ping_s:
+                    quiet_since = now
+                    yield PING
+                continue
+            quiet_since = now
+            yield item
+    finally:
+        submission.cancel()  # a no-op for finished work
+
+
+def wait_for(submission: Submission, sock: socket.socket | None) -> bool:
+    """Wait until every output finished (True), or the client left (False)."""
+    for item in follow(submission, sock):
+        if not isinstance(item, str) and isinstance(item[1], Failed):
+            raise GenerationFailed(item[1].message, code="generation_failed")
+    return submission.done

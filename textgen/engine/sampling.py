@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -15,16 +17,72 @@ from transformers import (
 from textgen.generation.strategies import GenerationParams
 
 
+class OccurrencePenalty(LogitsProcessor):
+    """OpenAI's presence and frequency penalties, over the tokens generated so far."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int) -> None:
+        self.presence = presence
+        self.frequency = frequency
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[0, self.prompt_length :]
+        if generated.numel() == 0:
+            return scores
+        counts = torch.bincount(generated, minlength=scores.shape[-1]).to(scores.dtype)
+        penalty = self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        return scores - penalty[: scores.shape[-1]]  # type: ignore[return-value]
+
+
+class LogitBias(LogitsProcessor):
+    """Adds a fixed bias to chosen token ids (OpenAI's logit_bias)."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...]) -> None:
+        self.ids = torch.tensor([token for token, _ in bias], dtype=torch.long)
+        self.values = torch.tensor([value for _, value in bias])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()  # type: ignore[assignment]
+        scores[:, self.ids] += self.values.to(scores.dtype)
+        return scores
+
+
+class MinTokens(LogitsProcessor):
+    """Forbids end-of-sequence tokens until ``minimum`` tokens have been generated."""
+
+    def __init__(self, minimum: int, prompt_length: int, eos: frozenset[int]) -> None:
+        self.until = prompt_length + minimum
+        self.eos = torch.tensor(sorted(eos), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[-1] >= self.until or self.eos.numel() == 0:
+            return scores
+        scores = scores.clone()  # type: ignore[assignment]
+        scores[:, self.eos] = -float("inf")
+        return scores
+
+
 class TokenChooser:
     """Per-sequence token choice: greedy argmax, or transformers' processors then sampling."""
 
-    def __init__(self, params: GenerationParams, index: int) -> None:
+    def __init__(
+        self, params: GenerationParams, index: int, prompt_length: int, eos: frozenset[int]
+    ) -> None:
+        # The order follows transformers' generate(): penalties, then bias, then the warpers.
         processors = LogitsProcessorList()
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if params.no_repeat_ngram_size > 0:
             processors.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(
+                OccurrencePenalty(params.presence_penalty, params.frequency_penalty, prompt_length)
+            )
+        if params.min_tokens and eos:
+            processors.append(MinTokens(params.min_tokens, prompt_length, eos))
         self.needs_history = bool(processors)
+        if params.logit_bias:
+            processors.append(LogitBias(params.logit_bias))
         self.sample = params.do_sample
         self.generator: torch.Generator | None = None
         if params.do_sample:
@@ -34,6 +92,8 @@ class TokenChooser:
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p is not None and params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
+            if params.min_p:
+                processors.append(MinPLogitsWarper(params.min_p))
             # Each of a request's n sequences draws from its own stream, so results depend
             # only on (seed, index), not on what else shares the batch.
             assert params.seed is not None

@@ -17,7 +17,14 @@ from textgen.engine.detokenize import IncrementalDetokenizer
 from textgen.engine.kvcache import BatchCache
 from textgen.engine.metrics import EngineMetrics
 from textgen.engine.sampling import TokenChooser
-from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle, Sequence
+from textgen.engine.sequence import (
+    Delta,
+    Failed,
+    Finished,
+    RequestHandle,
+    Sequence,
+    TokenLogprob,
+)
 from textgen.generation.runner import Job, ModelRunner
 from textgen.generation.stopping import StopSequenceMatcher
 
@@ -166,6 +173,7 @@ class Engine:
         out = []
         for prompt_index, prompt in enumerate(handle.job.encoded):
             self.metrics.count("prompt_tokens", len(prompt))
+            eos = frozenset() if params.ignore_eos else frozenset(loaded.eos_token_ids)
             for index in range(params.num_return_sequences):
                 out.append(
                     Sequence(
@@ -173,10 +181,10 @@ class Engine:
                         prompt_index=prompt_index,
                         index=index,
                         prompt=prompt,
-                        chooser=TokenChooser(params, index),
+                        chooser=TokenChooser(params, index, len(prompt), eos),
                         detokenizer=IncrementalDetokenizer(self._decode),
                         matcher=StopSequenceMatcher(params.stop),
-                        eos=frozenset() if params.ignore_eos else frozenset(loaded.eos_token_ids),
+                        eos=eos,
                         budget=params.max_new_tokens,
                     )
                 )
@@ -195,14 +203,18 @@ class Engine:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = BatchCache()
+        # Logits for every prompt position only when a request wants its prompt's logprobs.
+        echo = any(s.handle.job.params.prompt_logprobs for s in sequences)
         out = self.runner.loaded.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if echo else 1,
         )
+        if echo:
+            record_prompt_logprobs(sequences, out.logits, width)
         if self._cache is None or self._mask is None:
             self._cache, self._mask = cache, mask
         else:
@@ -243,6 +255,8 @@ class Engine:
             token = choices.get(row)
             if token is None:
                 token = sequence.chooser.choose(sequence.history(), logits[row])
+            wanted = sequence.handle.job.params.logprobs
+            logprob = None if wanted is None else token_logprob(logits[row], token, wanted)
             handle = sequence.handle
             if handle.first_token is None:
                 handle.first_token = now
@@ -250,7 +264,7 @@ class Engine:
             if sequence.last_token_at is not None:
                 self.metrics.observe("inter_token_s", now - sequence.last_token_at)
             sequence.last_token_at = now
-            sequence.accept(token)
+            sequence.accept(token, logprob)
             handle.generated += 1
             if sequence.finish_reason is None and now > handle.deadline:
                 sequence.finish("time_limit")
@@ -350,3 +364,31 @@ def merge_masks(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
             torch.nn.functional.pad(bottom, (width - bottom.shape[1], 0)),
         ]
     )
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """A token's log-probability under the model's own distribution, and the ``top`` likeliest."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logprobs.topk(top)
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def record_prompt_logprobs(sequences: list[Sequence], logits: torch.Tensor, width: int) -> None:
+    """Each prompt token's logprob given the tokens before it (the first has none)."""
+    seen: set[tuple[int, int]] = set()
+    for row, sequence in enumerate(sequences):
+        handle = sequence.handle
+        key = (id(handle), sequence.prompt_index)
+        if not handle.job.params.prompt_logprobs or key in seen:
+            continue
+        seen.add(key)
+        start = width - len(sequence.prompt)
+        top = handle.job.params.logprobs or 0
+        entries: list[TokenLogprob | None] = [None]
+        for position in range(1, len(sequence.prompt)):
+            token = sequence.prompt[position]
+            entries.append(token_logprob(logits[row, start + position - 1], token, top))
+        handle.prompt_logprobs[sequence.prompt_index] = entries

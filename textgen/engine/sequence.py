@@ -16,12 +16,22 @@ from textgen.generation.stopping import StopSequenceMatcher
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its log-probability under the model, and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New text for one output."""
+    """New text for one output, with the logprobs of the tokens it completes (if asked)."""
 
     prompt_index: int
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,7 @@ class Finished:
     text: str
     finish_reason: str
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,8 @@ class RequestHandle:
         self.outputs = len(job.encoded) * job.params.num_return_sequences
         self.done = 0
         self.generated = 0
+        # prompt index -> logprob of each prompt token (None for the first), when asked.
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self._cancelled = threading.Event()
 
     @property
@@ -104,14 +117,19 @@ class Sequence:
     next_input: int = -1
     finish_reason: str | None = None
     last_token_at: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent_logprobs: int = 0  # how many of the last logprobs no Delta has carried yet
 
     def history(self) -> list[int]:
         return self.prompt + self.generated
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> None:
         """Take the chosen token: emit the text that is now safe, or finish."""
         self.next_input = token
         self.generated.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.unsent_logprobs += 1
         if token in self.eos:
             self.finish("eos")
             return
@@ -128,7 +146,12 @@ class Sequence:
         if end > self.emitted:
             text = self.detokenizer.text[self.emitted : end]
             self.emitted = end
-            self.handle.post(Delta(self.prompt_index, self.index, text))
+            self.handle.post(Delta(self.prompt_index, self.index, text, self.take_logprobs()))
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The logprobs no Delta has carried yet."""
+        count, self.unsent_logprobs = self.unsent_logprobs, 0
+        return tuple(self.logprobs[len(self.logprobs) - count :]) if count else ()
 
     def finish(self, reason: str) -> None:
         """End the output: send what remains of its text (cut before any stop string)."""
@@ -136,6 +159,15 @@ class Sequence:
         text, stopped = self.matcher.truncate(self.detokenizer.text)
         self.finish_reason = "stop" if stopped else reason
         self.emit_until(len(text))
+        if self.unsent_logprobs:
+            self.handle.post(Delta(self.prompt_index, self.index, "", self.take_logprobs()))
         self.handle.post(
-            Finished(self.prompt_index, self.index, text, self.finish_reason, len(self.generated))
+            Finished(
+                self.prompt_index,
+                self.index,
+                text,
+                self.finish_reason,
+                len(self.generated),
+                tuple(self.logprobs),
+            )
         )

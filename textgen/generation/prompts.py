@@ -23,6 +23,7 @@ class PromptInput:
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
     chat: bool = False
+    token_ids: tuple[int, ...] | None = None  # already tokenized (OpenAI completions allow it)
 
     @property
     def is_chat(self) -> bool:

@@ -123,17 +123,29 @@ class ModelRunner:
     def name(self) -> str:
         return self.loaded.spec.name
 
-    def encode(self, prompts: list[PromptInput]) -> list[list[int]]:
-        """Token ids of each prompt as the model will see them; rejects prompts over the caps."""
+    def tokenize(self, prompt: PromptInput) -> list[int]:
+        """Token ids of a prompt as the model will see them (chat template applied)."""
         tokenizer = self.loaded.tokenizer
+        if prompt.token_ids is not None:
+            if any(i >= len(tokenizer) for i in prompt.token_ids):
+                raise RequestRejected(
+                    f"prompt token ids must be below the vocabulary size {len(tokenizer)}",
+                    "prompt",
+                    "invalid_token",
+                )
+            return list(prompt.token_ids)
+        try:
+            text = render_prompt(tokenizer, prompt, self.name)
+        except PromptError as exc:
+            raise RequestRejected(str(exc), "messages", "chat_template_missing") from exc
+        # A chat template already writes the special tokens it wants.
+        return list(tokenizer(text, add_special_tokens=not prompt.is_chat)["input_ids"])
+
+    def encode(self, prompts: list[PromptInput]) -> list[list[int]]:
+        """Token ids of each prompt; rejects prompts over the caps."""
         encoded = []
         for prompt in prompts:
-            try:
-                text = render_prompt(tokenizer, prompt, self.name)
-            except PromptError as exc:
-                raise RequestRejected(str(exc), "chat", "chat_template_missing") from exc
-            # A chat template already writes the special tokens it wants.
-            ids = tokenizer(text, add_special_tokens=not prompt.is_chat)["input_ids"]
+            ids = self.tokenize(prompt)
             if not ids:
                 raise RequestRejected("prompt encodes to no tokens", "prompt", "empty_prompt")
             if len(ids) > self.limits.max_prompt_tokens:
@@ -146,8 +158,14 @@ class ModelRunner:
             encoded.append(ids)
         return encoded
 
-    def new_token_budget(self, params: GenerationParams, longest: int) -> int:
-        """max_new_tokens after defaults, the max_length alias and the model's context."""
+    def new_token_budget(
+        self, params: GenerationParams, longest: int, until_context: bool = False
+    ) -> int:
+        """max_new_tokens after defaults, the max_length alias and the model's context.
+
+        ``until_context``: without max_new_tokens, generate up to the server's cap or the end of
+        the model's context, whichever comes first (OpenAI chat semantics).
+        """
         if params.max_length is not None:
             budget = params.max_length - longest
             if budget < 1:
@@ -157,6 +175,9 @@ class ModelRunner:
                     "max_length",
                 )
             budget = min(budget, self.limits.max_new_tokens)
+        elif params.max_new_tokens is None and until_context:
+            room = (self.loaded.context_length or longest + self.limits.max_new_tokens) - longest
+            budget = max(1, min(self.limits.max_new_tokens, room))
         else:
             budget = params.max_new_tokens or self.limits.default_max_new_tokens
         context = self.loaded.context_length
@@ -169,10 +190,17 @@ class ModelRunner:
             )
         return budget
 
-    def prepare(self, prompts: list[PromptInput], params: GenerationParams) -> Job:
+    def prepare(
+        self, prompts: list[PromptInput], params: GenerationParams, until_context: bool = False
+    ) -> Job:
         """Check a request against this model and fix its settings; no generation yet."""
         encoded = self.encode(prompts)
-        budget = self.new_token_budget(params, max(len(ids) for ids in encoded))
+        vocab = len(self.loaded.tokenizer)
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise RequestRejected(
+                f"logit_bias token ids must be below the vocabulary size {vocab}", "logit_bias"
+            )
+        budget = self.new_token_budget(params, max(len(ids) for ids in encoded), until_context)
         if params.do_sample and params.seed is None:
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         return Job(encoded, dataclasses.replace(params, max_new_tokens=budget))

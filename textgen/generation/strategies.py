@@ -14,7 +14,9 @@ COMMON = (
     "stop",
     "ignore_eos",
 )
-SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "seed")
+# Applied per token by the engine; beam search (one whole generate() call) takes none of them.
+TOKEN_KNOBS = ("presence_penalty", "frequency_penalty", "logit_bias", "min_tokens")
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "seed")
 
 
 class StrategyError(ValueError):
@@ -48,6 +50,7 @@ STRATEGIES: dict[str, Strategy] = {
             "Always the most likely next token: deterministic, best for short factual answers.",
             fixed={"do_sample": False, "num_beams": 1},
             defaults={},
+            tunable=TOKEN_KNOBS,
         ),
         Strategy(
             "beam",
@@ -63,7 +66,7 @@ STRATEGIES: dict[str, Strategy] = {
             "top_p, sharpened or flattened by temperature; varied, reproducible with a seed.",
             fixed={"do_sample": True, "num_beams": 1},
             defaults={"temperature": 0.8, "top_p": 0.95, "top_k": 0, "num_return_sequences": 1},
-            tunable=(*SAMPLING_KNOBS, "num_return_sequences"),
+            tunable=(*SAMPLING_KNOBS, "num_return_sequences", *TOKEN_KNOBS),
         ),
         Strategy(
             "top_k",
@@ -71,7 +74,7 @@ STRATEGIES: dict[str, Strategy] = {
             "reproducible with a seed.",
             fixed={"do_sample": True, "num_beams": 1},
             defaults={"top_k": 50, "temperature": 1.0, "top_p": 1.0, "num_return_sequences": 1},
-            tunable=(*SAMPLING_KNOBS, "num_return_sequences"),
+            tunable=(*SAMPLING_KNOBS, "num_return_sequences", *TOKEN_KNOBS),
         ),
     )
 }
@@ -96,14 +99,22 @@ class GenerationParams:
     seed: int | None = None
     early_stopping: bool = False
     ignore_eos: bool = False
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None  # top alternatives to report per token (0: the chosen one only)
+    prompt_logprobs: bool = False
 
     def applied(self) -> dict[str, Any]:
-        """The settings reported back to the client (unused knobs left out)."""
+        """The settings reported back to the client (knobs left at their neutral value omitted)."""
         values = asdict(self)
         if self.num_beams == 1:
             del values["early_stopping"]
-        if not self.ignore_eos:
-            del values["ignore_eos"]
+        for name in OPTIONAL:
+            if values[name] == OPTIONAL[name]:
+                del values[name]
         return {key: value for key, value in values.items() if value not in (None, ())}
 
     def generation_kwargs(self) -> dict[str, Any]:
@@ -121,6 +132,16 @@ class GenerationParams:
             # Every knob explicit, so a model's own sampling defaults cannot leak in.
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kwargs
+
+
+# Fields reported only when they differ from these neutral values.
+OPTIONAL: dict[str, Any] = {
+    "ignore_eos": False,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "min_tokens": 0,
+    "prompt_logprobs": False,
+}
 
 
 def infer_strategy(fields: dict[str, Any]) -> str:
@@ -146,7 +167,7 @@ def resolve_params(fields: dict[str, Any]) -> GenerationParams:
         )
     if name != "beam" and fields.get("num_beams", 1) != 1:
         raise StrategyError(f"more than 1 beam needs strategy 'beam', not {name!r}", "num_beams")
-    for key in (*SAMPLING_KNOBS, "num_return_sequences"):
+    for key in (*SAMPLING_KNOBS, *TOKEN_KNOBS, "num_return_sequences"):
         if key in fields and key not in strategy.parameters:
             users = [s.name for s in STRATEGIES.values() if key in s.parameters]
             raise StrategyError(
@@ -162,6 +183,8 @@ def resolve_params(fields: dict[str, Any]) -> GenerationParams:
         )
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
+    if "logit_bias" in values:
+        values["logit_bias"] = tuple(sorted(values["logit_bias"].items()))
     return GenerationParams(strategy=name, **values)
 
 

@@ -48,6 +48,7 @@ class ModelRegistry:
         self._state = "idle"
         self._detail = "not started"
         self._started = time.monotonic()
+        self.started_at = int(time.time())
         self._ready_after: float | None = None
         self._guard = threading.Lock()
 

@@ -1,0 +1,96 @@
+"""POST /tokenize and /detokenize: the model's tokenizer over HTTP, for counting and debugging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
+
+from textgen.api.fields import StrictBoolean, StrictInteger
+from textgen.api.schemas import MessageSchema, load_body
+from textgen.generation.prompts import PromptInput
+from textgen.models.registry import ModelRegistry
+
+bp = Blueprint("tokenize", __name__)
+
+
+class TokenizeSchema(Schema):
+    """A prompt, or chat messages (the chat template is applied), to turn into tokens."""
+
+    class Meta:
+        unknown = RAISE
+
+    model = fields.String(validate=validate.Length(min=1))
+    prompt = fields.String()
+    messages = fields.List(fields.Nested(MessageSchema), validate=validate.Length(min=1))
+    chat = StrictBoolean()
+
+    @validates_schema
+    def check_input(self, data: dict[str, Any], **_: Any) -> None:
+        if ("prompt" in data) == ("messages" in data):
+            raise ValidationError("give either prompt or messages", "prompt")
+
+    @post_load
+    def make_prompt(self, data: dict[str, Any], **_: Any) -> tuple[str | None, PromptInput]:
+        if "messages" in data:
+            messages = tuple({"role": m["role"], "content": m["content"]} for m in data["messages"])
+            return data.get("model"), PromptInput(messages=messages)
+        return data.get("model"), PromptInput(text=data["prompt"], chat=data.get("chat", False))
+
+
+class DetokenizeSchema(Schema):
+    """Token ids to turn back into text."""
+
+    class Meta:
+        unknown = RAISE
+
+    model = fields.String(validate=validate.Length(min=1))
+    tokens = fields.List(StrictInteger(validate=validate.Range(min=0)), required=True)
+
+
+def registry() -> ModelRegistry:
+    return current_app.extensions["textgen.registry"]
+
+
+@bp.post("/tokenize")
+def tokenize() -> Response:
+    """Token ids, their pieces and count, and the model's context length."""
+    model, prompt = load_body(TokenizeSchema())
+    runner = registry().engine(model).runner
+    ids = runner.tokenize(prompt)
+    tokenizer = runner.loaded.tokenizer
+    return jsonify(
+        {
+            "model": runner.name,
+            "tokens": ids,
+            "pieces": tokenizer.convert_ids_to_tokens(ids),
+            "count": len(ids),
+            "max_model_len": runner.loaded.context_length,
+        }
+    )
+
+
+@bp.post("/detokenize")
+def detokenize() -> Response:
+    """The text of a list of token ids, and each token's piece."""
+    body = load_body(DetokenizeSchema())
+    runner = registry().engine(body.get("model")).runner
+    tokenizer = runner.loaded.tokenizer
+    if any(token >= len(tokenizer) for token in body["tokens"]):
+        raise ValidationError(f"token ids must be below {len(tokenizer)}", "tokens")
+    return jsonify(
+        {
+            "model": runner.name,
+            "prompt": tokenizer.decode(body["tokens"]),
+            "pieces": tokenizer.convert_ids_to_tokens(body["tokens"]),
+        }
+    )

@@ -1,0 +1,235 @@
+"""OpenAI request schemas, and the one mapping of their fields onto generation settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
+
+from textgen.api.fields import StrictBoolean, StrictFloat, StrictInteger
+from textgen.api.schemas import SHARED_KNOBS, SharedSchema, resolve
+from textgen.generation.prompts import PromptInput
+from textgen.generation.strategies import GenerationParams
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "time_limit"}
+
+
+class PromptField(fields.Field):
+    """A string, a list of strings, a list of token ids, or a list of such lists."""
+
+    default_error_messages = {
+        "invalid": "Must be a string, a list of strings, or token ids (a list of integers, "
+        "or a list of such lists).",
+        "empty": "Must not be empty.",
+    }
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> list[PromptInput]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise self.make_error("invalid" if not isinstance(value, list) else "empty")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            value = [value]
+        prompts = []
+        for item in value:
+            if isinstance(item, str) and item:
+                prompts.append(PromptInput(text=item))
+            elif (
+                isinstance(item, list)
+                and item
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
+            ):
+                prompts.append(PromptInput(token_ids=tuple(item)))
+            else:
+                raise self.make_error("empty" if item in ("", []) else "invalid")
+        return prompts
+
+
+class StreamOptionsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    include_usage = StrictBoolean()
+
+
+class MessageContentField(fields.Field):
+    """Message content: a string, or a list of text parts (other part types are refused)."""
+
+    default_error_messages = {
+        "invalid": "Must be a string or a list of {'type': 'text', 'text': ...} parts.",
+        "unsupported": "Only text content parts are supported; got type {kind!r}.",
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or "type" not in part:
+                raise self.make_error("invalid")
+            if part["type"] != "text":
+                raise self.make_error("unsupported", kind=part["type"])
+            if not isinstance(part.get("text"), str):
+                raise self.make_error("invalid")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ChatMessageSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    role = fields.String(
+        required=True, validate=validate.OneOf(["system", "developer", "user", "assistant"])
+    )
+    content = MessageContentField(required=True)
+    name = fields.String()
+
+
+class OpenAISchema(SharedSchema):
+    """Fields both OpenAI generation endpoints take."""
+
+    model = fields.String(validate=validate.Length(min=1))
+    temperature = StrictFloat(validate=validate.Range(min=0.0, max=2.0))
+    n = StrictInteger(validate=validate.Range(min=1))
+    stream_options = fields.Nested(StreamOptionsSchema)
+    user = fields.String()
+
+    @validates_schema
+    def check_n(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("n", 1) > self.settings.max_sequences:
+            raise ValidationError(f"must be at most {self.settings.max_sequences}", "n")
+        if "stream_options" in data and not data.get("stream"):
+            raise ValidationError("only allowed with stream=true", "stream_options")
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A validated OpenAI request, ready for the engine."""
+
+    model: str | None
+    prompts: list[PromptInput]
+    params: GenerationParams
+    stream: bool
+    include_usage: bool
+    timeout: float
+    echo: bool = False
+    until_context: bool = False
+
+
+def generation_params(
+    data: dict[str, Any], max_tokens: int | None, logprobs: int | None, echo: bool = False
+) -> GenerationParams:
+    """OpenAI fields -> generation settings: temperature 0 is greedy, anything else samples."""
+    temperature = data.get("temperature", 1.0)
+    knobs = {k: data[k] for k in SHARED_KNOBS if k in data}
+    if temperature == 0:
+        # Clients send their defaults for every knob; with greedy decoding they mean nothing.
+        for key in ("top_p", "top_k", "min_p", "seed"):
+            knobs.pop(key, None)
+        fields_: dict[str, Any] = {"strategy": "greedy", **knobs}
+    else:
+        fields_ = {"strategy": "sampling", "temperature": temperature, "top_p": 1.0, **knobs}
+        fields_.setdefault("top_k", 0)
+    if max_tokens is not None:
+        fields_["max_new_tokens"] = max_tokens
+    params = resolve(fields_)
+    return dataclasses.replace(
+        params,
+        num_return_sequences=data.get("n", 1),
+        logprobs=logprobs,
+        prompt_logprobs=echo and logprobs is not None,
+    )
+
+
+class CompletionSchema(OpenAISchema):
+    """POST /v1/completions."""
+
+    prompt = PromptField(required=True)
+    max_tokens = StrictInteger(validate=validate.Range(min=1), allow_none=True)
+    logprobs = StrictInteger(validate=validate.Range(min=0, max=20), allow_none=True)
+    echo = StrictBoolean()
+    suffix = fields.Raw(allow_none=True)
+    best_of = StrictInteger(allow_none=True)
+
+    @validates_schema
+    def check_completion(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("suffix"):
+            raise ValidationError("suffix (insertion) is not supported by this server", "suffix")
+        if data.get("best_of") not in (None, 1, data.get("n", 1)):
+            raise ValidationError("best_of other than n is not supported", "best_of")
+        if len(data["prompt"]) > self.settings.max_prompts:
+            raise ValidationError(f"at most {self.settings.max_prompts} prompts", "prompt")
+        self.check_new_tokens(data.get("max_tokens"), "max_tokens")
+
+    @post_load
+    def make_request(self, data: dict[str, Any], **_: Any) -> OpenAIRequest:
+        max_tokens = data.get("max_tokens", 16)  # OpenAI's default for completions
+        echo = data.get("echo", False)
+        params = generation_params(data, max_tokens, data.get("logprobs"), echo)
+        return OpenAIRequest(
+            model=data.get("model"),
+            prompts=data["prompt"],
+            params=params,
+            stream=data.get("stream", False),
+            include_usage=data.get("stream_options", {}).get("include_usage", False),
+            timeout=self.deadline_s(data),
+            echo=echo,
+        )
+
+
+class ChatCompletionSchema(OpenAISchema):
+    """POST /v1/chat/completions."""
+
+    messages = fields.List(
+        fields.Nested(ChatMessageSchema), required=True, validate=validate.Length(min=1)
+    )
+    max_tokens = StrictInteger(validate=validate.Range(min=1), allow_none=True)
+    max_completion_tokens = StrictInteger(validate=validate.Range(min=1), allow_none=True)
+    logprobs = StrictBoolean()
+    top_logprobs = StrictInteger(validate=validate.Range(min=0, max=20), allow_none=True)
+    response_format = fields.Dict()
+
+    @validates_schema
+    def check_chat(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("top_logprobs") and not data.get("logprobs"):
+            raise ValidationError("needs logprobs=true", "top_logprobs")
+        kind = (data.get("response_format") or {}).get("type", "text")
+        if kind != "text":
+            raise ValidationError(
+                f"response_format {kind!r} is not supported yet; only 'text'", "response_format"
+            )
+        for key in ("max_tokens", "max_completion_tokens"):
+            self.check_new_tokens(data.get(key), key)
+
+    @post_load
+    def make_request(self, data: dict[str, Any], **_: Any) -> OpenAIRequest:
+        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+        logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
+        messages = tuple(
+            {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+            for m in data["messages"]
+        )
+        return OpenAIRequest(
+            model=data.get("model"),
+            prompts=[PromptInput(messages=messages)],
+            params=generation_params(data, max_tokens, logprobs),
+            stream=data.get("stream", False),
+            include_usage=data.get("stream_options", {}).get("include_usage", False),
+            timeout=self.deadline_s(data),
+            until_context=max_tokens is None,
+        )
