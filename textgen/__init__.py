@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from typing import Any
@@ -41,5 +42,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     registry = ModelRegistry(settings)
     app.extensions["textgen.registry"] = registry
+    # Engine threads must end before the interpreter does (see Engine.stop).
+    atexit.register(registry.close)
     registry.start()
     return app

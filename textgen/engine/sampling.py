@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
 import torch
 from transformers import (
     LogitsProcessor,
@@ -62,11 +65,23 @@ class MinTokens(LogitsProcessor):
         return scores
 
 
+def stream_seed(seed: int, index: int) -> int:
+    """The random stream of a request's index-th sequence: a hash, so that seed s's second
+    sequence is unrelated to seed s+1's first (seed + index would make them equal)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
 class TokenChooser:
     """Per-sequence token choice: greedy argmax, or transformers' processors then sampling."""
 
     def __init__(
-        self, params: GenerationParams, index: int, prompt_length: int, eos: frozenset[int]
+        self,
+        params: GenerationParams,
+        index: int,
+        prompt_length: int,
+        eos: frozenset[int],
+        grammar: Any = None,
     ) -> None:
         # The order follows transformers' generate(): penalties, then bias, then the warpers.
         processors = LogitsProcessorList()
@@ -83,6 +98,13 @@ class TokenChooser:
         self.needs_history = bool(processors)
         if params.logit_bias:
             processors.append(LogitBias(params.logit_bias))
+        # The grammar masks before the warpers, so top-p and friends see only allowed tokens.
+        self.constraint = None
+        if grammar is not None:
+            from textgen.engine.grammar import GrammarConstraint
+
+            self.constraint = GrammarConstraint(grammar)
+            processors.append(self.constraint)
         self.sample = params.do_sample
         self.generator: torch.Generator | None = None
         if params.do_sample:
@@ -97,8 +119,13 @@ class TokenChooser:
             # Each of a request's n sequences draws from its own stream, so results depend
             # only on (seed, index), not on what else shares the batch.
             assert params.seed is not None
-            self.generator = torch.Generator().manual_seed((params.seed + index) % 2**63)
+            self.generator = torch.Generator().manual_seed(stream_seed(params.seed, index))
         self.processors = processors
+
+    def release(self) -> None:
+        """Drop per-sequence state (the grammar matcher, its bitmask) once the output ends."""
+        self.constraint = None
+        self.processors = LogitsProcessorList()
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -112,6 +139,10 @@ class TokenChooser:
             ids = torch.tensor([history], dtype=torch.long) if self.needs_history else None
             scores = self.processors(ids, scores)  # type: ignore[arg-type]
         if not self.sample:
-            return int(scores.argmax(dim=-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            token = int(scores.argmax(dim=-1))
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        return token

@@ -61,6 +61,7 @@ class Engine:
         self._running: list[Sequence] = []
         self._cache: BatchCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
+        self._stopping = False
         self._thread = threading.Thread(
             target=self._serve, name=f"engine-{runner.name}", daemon=True
         )
@@ -71,6 +72,18 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the current step, fail what is left, and end the thread.
+
+        Must run before the interpreter finalizes: a daemon thread caught inside torch then
+        is unwound through C++ frames, and the process aborts.
+        """
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # --- request side (handler threads) ----------------------------------------------
     def submit(self, job: Job, events: queue.Queue[Any], deadline: float) -> RequestHandle:
@@ -115,8 +128,10 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._waiting and not self._running:
+                while not self._waiting and not self._running and not self._stopping:
                     self._wake.wait()
+                if self._stopping:
+                    break
                 admitted, exclusive = self._admit()
             try:
                 with torch.inference_mode():
@@ -134,6 +149,10 @@ class Engine:
                 self._fail(handles, f"generation failed: {type(exc).__name__}")
             with self._wake:
                 self._publish_gauges()
+        with self._wake:
+            leftover = set(self._waiting) | {s.handle for s in self._running}
+            self._waiting.clear()
+        self._fail(leftover, "the server is shutting down")
 
     def _admit(self) -> tuple[list[Sequence], RequestHandle | None]:
         """Take waiting requests that fit the batch (the head first, in order)."""
@@ -181,7 +200,7 @@ class Engine:
                         prompt_index=prompt_index,
                         index=index,
                         prompt=prompt,
-                        chooser=TokenChooser(params, index, len(prompt), eos),
+                        chooser=TokenChooser(params, index, len(prompt), eos, handle.job.grammar),
                         detokenizer=IncrementalDetokenizer(self._decode),
                         matcher=StopSequenceMatcher(params.stop),
                         eos=eos,

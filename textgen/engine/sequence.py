@@ -155,6 +155,7 @@ class Sequence:
 
     def finish(self, reason: str) -> None:
         """End the output: send what remains of its text (cut before any stop string)."""
+        self.chooser.release()
         self.detokenizer.flush()
         text, stopped = self.matcher.truncate(self.detokenizer.text)
         self.finish_reason = "stop" if stopped else reason

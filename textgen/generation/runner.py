@@ -43,6 +43,7 @@ class Job:
     encoded: list[list[int]]
     params: GenerationParams
     created: float = field(default_factory=time.perf_counter)
+    grammar: Any = None  # the compiled response format, when there is one
 
 
 @dataclass
@@ -116,8 +117,13 @@ class ModelRunner:
     """Checks requests against one model, and runs whole generate() calls for the engine."""
 
     def __init__(self, loaded: LoadedModel, limits: Limits) -> None:
+        from textgen.engine.grammar import GrammarCompiler
+
         self.loaded = loaded
         self.limits = limits
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids
+        )
 
     @property
     def name(self) -> str:
@@ -203,7 +209,10 @@ class ModelRunner:
         budget = self.new_token_budget(params, max(len(ids) for ids in encoded), until_context)
         if params.do_sample and params.seed is None:
             params = dataclasses.replace(params, seed=secrets.randbits(63))
-        return Job(encoded, dataclasses.replace(params, max_new_tokens=budget))
+        grammar = None
+        if params.response_format is not None:
+            grammar = self.grammars.compile(params.response_format)
+        return Job(encoded, dataclasses.replace(params, max_new_tokens=budget), grammar=grammar)
 
     def run(self, job: Job, interrupted: Callable[[], bool] | None = None) -> ModelResult:
         """Run a prepared job with one generate() call (the engine uses it for beam search)."""

@@ -106,6 +106,7 @@ class GenerationParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top alternatives to report per token (0: the chosen one only)
     prompt_logprobs: bool = False
+    response_format: str | None = None  # JSON text of {"type": "json_object"|"json_schema", ...}
 
     def applied(self) -> dict[str, Any]:
         """The settings reported back to the client (knobs left at their neutral value omitted)."""

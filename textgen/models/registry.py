@@ -121,6 +121,13 @@ class ModelRegistry:
                 raise ModelsNotReady(self._detail)
             return engine
 
+    def close(self) -> None:
+        """Stop every engine (at process exit)."""
+        with self._guard:
+            engines = list(self._engines.values())
+        for engine in engines:
+            engine.stop()
+
     def engine_metrics(self) -> dict[str, Any]:
         """Each loaded model's engine counters and latencies."""
         with self._guard:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,25 @@ def generation_params(
     )
 
 
+def response_format(value: dict[str, Any] | None) -> str | None:
+    """The grammar spec (JSON text) for a response_format, or None for plain text."""
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "json_object"})
+    if kind == "json_schema":
+        spec = (value or {}).get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValidationError(
+                'json_schema needs {"name": ..., "schema": {...}}', "response_format"
+            )
+        return json.dumps({"type": "json_schema", "schema": spec["schema"]})
+    raise ValidationError(
+        f"type must be text, json_object or json_schema, not {kind!r}", "response_format"
+    )
+
+
 class CompletionSchema(OpenAISchema):
     """POST /v1/completions."""
 
@@ -208,11 +228,7 @@ class ChatCompletionSchema(OpenAISchema):
     def check_chat(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("top_logprobs") and not data.get("logprobs"):
             raise ValidationError("needs logprobs=true", "top_logprobs")
-        kind = (data.get("response_format") or {}).get("type", "text")
-        if kind != "text":
-            raise ValidationError(
-                f"response_format {kind!r} is not supported yet; only 'text'", "response_format"
-            )
+        response_format(data.get("response_format"))
         for key in ("max_tokens", "max_completion_tokens"):
             self.check_new_tokens(data.get(key), key)
 
@@ -224,10 +240,14 @@ class ChatCompletionSchema(OpenAISchema):
             {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
             for m in data["messages"]
         )
+        params = generation_params(data, max_tokens, logprobs)
+        params = dataclasses.replace(
+            params, response_format=response_format(data.get("response_format"))
+        )
         return OpenAIRequest(
             model=data.get("model"),
             prompts=[PromptInput(messages=messages)],
-            params=generation_params(data, max_tokens, logprobs),
+            params=params,
             stream=data.get("stream", False),
             include_usage=data.get("stream_options", {}).get("include_usage", False),
             timeout=self.deadline_s(data),
