@@ -4,12 +4,64 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor
 
+from textgen.engine.jsonclose import closing_suffix
 from textgen.generation.runner import RequestRejected
+
+# When the budget left is barely enough to spell the shortest completion of what an output has
+# written (its length in characters, a bound on the tokens it takes, plus CLOSING_MARGIN), the
+# output prefers the tokens that spell it, so it ends as complete JSON instead of being cut by
+# max_tokens. Beyond CLOSING_WINDOW tokens left, nothing is checked (the scan costs time).
+CLOSING_WINDOW = 64
+# A string may end inside a multi-byte character, whose remaining bytes come first.
+CLOSING_MARGIN = 4
+CLOSING_CHARS = frozenset('"{}[]:,0n')
+# Subtracted from every other token's logit in the window: the grammar still decides what is
+# allowed, this only decides which of the allowed tokens win.
+CLOSING_PREFERENCE = 1e4
+
+
+@dataclass(frozen=True)
+class TokenTexts:
+    """Each token's text, and the short structural tokens by text (for closing JSON)."""
+
+    texts: list[str]
+    structural: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> TokenTexts:
+        texts = [str(tokenizer.decode([token])) for token in range(len(tokenizer))]
+        structural: dict[str, list[int]] = {}
+        for token, text in enumerate(texts):
+            if text and len(text) <= 8 and set(text) <= CLOSING_CHARS:
+                structural.setdefault(text, []).append(token)
+        return cls(texts, structural)
+
+    def spelling(self, suffix: str) -> list[int]:
+        """Tokens whose text is a non-empty prefix of ``suffix``."""
+        return [t for k in range(1, len(suffix) + 1) for t in self.structural.get(suffix[:k], [])]
+
+
+@dataclass(frozen=True)
+class CompiledFormat:
+    """A compiled response format, the model's token texts, and room to keep for the schema."""
+
+    grammar: Any
+    tokens: TokenTexts
+    # Characters a schema's required top-level properties may still take (`,"key":0` each):
+    # the grammar writes them after what a plain JSON completion would end with.
+    reserve: int = 0
+
+
+def required_reserve(schema: dict[str, Any]) -> int:
+    """Room for the required top-level properties of an object schema."""
+    required = schema.get("required", []) if isinstance(schema, dict) else []
+    return sum(len(str(key)) + 5 for key in required)
 
 
 class GrammarCompiler:
@@ -20,9 +72,10 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.stop_ids = list(stop_ids)
         self._compiler: Any = None
+        self._tokens: TokenTexts | None = None
         self._lock = threading.Lock()
 
-    def compile(self, spec: str) -> Any:
+    def compile(self, spec: str) -> CompiledFormat:
         """A compiled grammar for a response_format spec (JSON text); a 400 for a bad schema."""
         import xgrammar
 
@@ -32,25 +85,34 @@ class GrammarCompiler:
                     self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
                 )
                 self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+                self._tokens = TokenTexts.of(self.tokenizer)
             fmt = json.loads(spec)
             schema = fmt.get("schema", {"type": "object"})
             try:
-                # No free whitespace: small models otherwise spend their budget on it.
-                return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                # Compact JSON: small models otherwise spend their budget on whitespace.
+                grammar = self._compiler.compile_json_schema(
+                    json.dumps(schema), any_whitespace=False, separators=(",", ":")
+                )
             except (RuntimeError, ValueError, xgrammar.InvalidJSONError) as exc:
                 raise RequestRejected(
                     f"the JSON schema cannot be used: {exc}", "response_format"
                 ) from exc
+            assert self._tokens is not None
+            return CompiledFormat(grammar, self._tokens, required_reserve(schema))
 
 
 class GrammarConstraint(LogitsProcessor):
     """Masks every token the grammar does not allow next; follows the tokens chosen."""
 
-    def __init__(self, compiled: Any) -> None:
+    def __init__(self, compiled: CompiledFormat, budget: int) -> None:
         import xgrammar
 
         self.xgrammar = xgrammar
-        self.matcher = xgrammar.GrammarMatcher(compiled)
+        self.matcher = xgrammar.GrammarMatcher(compiled.grammar)
+        self.tokens = compiled.tokens
+        self.reserve = compiled.reserve
+        self.text = ""
+        self.remaining = budget
         self.bitmask: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -58,8 +120,17 @@ class GrammarConstraint(LogitsProcessor):
             self.bitmask = self.xgrammar.allocate_token_bitmask(1, scores.shape[-1])
         self.matcher.fill_next_token_bitmask(self.bitmask)
         self.xgrammar.apply_token_bitmask_inplace(scores, self.bitmask)
+        if self.remaining <= CLOSING_WINDOW + self.reserve and not self.matcher.is_terminated():
+            suffix = closing_suffix(self.text)
+            wanted = self.tokens.spelling(suffix)
+            if wanted and self.remaining <= len(suffix) + CLOSING_MARGIN + self.reserve:
+                preference = torch.full_like(scores, -CLOSING_PREFERENCE)
+                preference[:, wanted] = 0.0
+                scores = scores + preference  # type: ignore[assignment]
         return scores
 
     def accept(self, token: int) -> None:
+        self.remaining -= 1
         if not self.matcher.is_terminated():
             self.matcher.accept_token(token)
+            self.text += self.tokens.texts[token]

@@ -82,6 +82,7 @@ class TokenChooser:
         prompt_length: int,
         eos: frozenset[int],
         grammar: Any = None,
+        budget: int = 0,
     ) -> None:
         # The order follows transformers' generate(): penalties, then bias, then the warpers.
         processors = LogitsProcessorList()
@@ -103,7 +104,7 @@ class TokenChooser:
         if grammar is not None:
             from textgen.engine.grammar import GrammarConstraint
 
-            self.constraint = GrammarConstraint(grammar)
+            self.constraint = GrammarConstraint(grammar, budget)
             processors.append(self.constraint)
         self.sample = params.do_sample
         self.generator: torch.Generator | None = None
