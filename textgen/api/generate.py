@@ -11,8 +11,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from textgen.api.schemas import GenerateRequest, GenerateSchema, load_body
-from textgen.api.streaming import DONE, follow, sse, sse_error, sse_response, wait_for
-from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
+from textgen.api.streaming import sse_response, stream_events, wait_for
+from textgen.engine.sequence import Delta, Finished, RequestHandle
 from textgen.engine.submission import Submission
 from textgen.models.registry import ModelRegistry
 
@@ -48,35 +48,22 @@ def stream_generation(
     submission: Submission, sock: socket.socket | None, ping_s: float
 ) -> Iterator[str]:
     """Server-sent events: text deltas, each output's finish, a summary, then [DONE]."""
-    try:
-        for item in follow(submission, sock, ping_s):
-            if isinstance(item, str):
-                yield item
-                continue
-            handle, event = item
-            if isinstance(event, Delta) and event.text:
-                yield sse(output_key(handle, event) | {"text": event.text})
-            elif isinstance(event, Finished):
-                yield sse(
-                    output_key(handle, event)
-                    | {
-                        "text": "",
-                        "finish_reason": event.finish_reason,
-                        "completion_tokens": event.completion_tokens,
-                    }
-                )
-            elif isinstance(event, Failed):
-                yield sse_error(event.message)
-                yield DONE
-                return
-        if not submission.done:
-            return  # the client left
+
+    def on_delta(handle: RequestHandle, event: Delta) -> dict[str, Any] | None:
+        return output_key(handle, event) | {"text": event.text} if event.text else None
+
+    def on_finish(handle: RequestHandle, event: Finished) -> dict[str, Any]:
+        return output_key(handle, event) | {
+            "text": "",
+            "finish_reason": event.finish_reason,
+            "completion_tokens": event.completion_tokens,
+        }
+
+    def closing() -> dict[str, Any]:
         summary = response_body(submission)
-        yield sse({k: v for k, v in summary.items() if k != "results"} | summaries(summary))
-        yield DONE
-    finally:
-        # Also reached when the server closes the generator because the client went away.
-        submission.cancel()
+        return {k: v for k, v in summary.items() if k != "results"} | summaries(summary)
+
+    return stream_events(submission, sock, ping_s, on_delta, on_finish, closing)
 
 
 def output_key(handle: RequestHandle, event: Delta | Finished) -> dict[str, Any]:

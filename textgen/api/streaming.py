@@ -6,13 +6,13 @@ import json
 import select
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Response
 
 from textgen.api.errors import GenerationFailed
-from textgen.engine.sequence import Failed, RequestHandle
+from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
 from textgen.engine.submission import Event, Submission
 
 SSE_HEADERS = {
@@ -95,3 +95,47 @@ def wait_for(submission: Submission, sock: socket.socket | None) -> bool:
         if not isinstance(item, str) and isinstance(item[1], Failed):
             raise GenerationFailed(item[1].message, code="generation_failed")
     return submission.done
+
+
+def stream_events(
+    submission: Submission,
+    sock: socket.socket | None,
+    ping_s: float,
+    on_delta: Callable[[RequestHandle, Delta], dict[str, Any] | None],
+    on_finish: Callable[[RequestHandle, Finished], dict[str, Any]],
+    closing: Callable[[], dict[str, Any] | None],
+    opening: Iterable[dict[str, Any]] = (),
+) -> Iterator[str]:
+    """The SSE skeleton of every streaming endpoint.
+
+    Opening chunks, a chunk per delta and per finished output, pings while quiet, a closing
+    chunk (usage, summary) once everything finished, then [DONE]; an error after the start is
+    an error event, then [DONE]. Work is cancelled however the stream ends, including when
+    the server closes it because the client went away.
+    """
+    try:
+        for chunk in opening:
+            yield sse(chunk)
+        for item in follow(submission, sock, ping_s):
+            if isinstance(item, str):
+                yield item
+                continue
+            handle, event = item
+            if isinstance(event, Delta):
+                delta = on_delta(handle, event)
+                if delta is not None:
+                    yield sse(delta)
+            elif isinstance(event, Finished):
+                yield sse(on_finish(handle, event))
+            elif isinstance(event, Failed):
+                yield sse_error(event.message)
+                yield DONE
+                return
+        if not submission.done:
+            return  # the client left
+        last = closing()
+        if last is not None:
+            yield sse(last)
+        yield DONE
+    finally:
+        submission.cancel()

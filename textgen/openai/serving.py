@@ -1,34 +1,97 @@
-"""What the OpenAI endpoints share: submitting, usage, ids, and the stream's skeleton."""
+"""What the OpenAI endpoints share: one request-to-response path, usage, ids, token texts."""
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from textgen.api.streaming import DONE, follow, sse, sse_error
-from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle, TokenLogprob
+from flask import Response, current_app, jsonify, request
+
+from textgen.api.schemas import load_body
+from textgen.api.streaming import sse_response, stream_events, wait_for
+from textgen.engine.sequence import Delta, Finished, RequestHandle, TokenLogprob
 from textgen.engine.submission import Submission
 from textgen.models.registry import ModelRegistry
-from textgen.openai.protocol import FINISH_REASONS, OpenAIRequest
+from textgen.openai.protocol import FINISH_REASONS, OpenAIRequest, OpenAISchema
 
 
-def submit(registry: ModelRegistry, body: OpenAIRequest) -> Submission:
-    """Check the request against its model, then queue it on the model's engine."""
+@dataclass(frozen=True)
+class Reply:
+    """Everything one OpenAI response is built from."""
+
+    registry: ModelRegistry
+    body: OpenAIRequest
+    submission: Submission
+    handle: RequestHandle
+    text: Callable[[int], str]  # how a token reads in logprobs
+    response_id: str
+
+    def base(self, object_name: str) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": object_name,
+            "created": int(time.time()),
+            "model": self.handle.model,
+        }
+
+    def index(self, event: Delta | Finished) -> int:
+        """OpenAI numbers choices across prompts: prompt i's j-th of n is i * n + j."""
+        return event.prompt_index * self.body.params.num_return_sequences + event.index
+
+
+@dataclass(frozen=True)
+class StreamParts:
+    """How an endpoint's stream looks: its first chunks, a delta's chunk, a finish's chunk."""
+
+    opening: Iterable[dict[str, Any]]
+    on_delta: Callable[[RequestHandle, Delta], dict[str, Any] | None]
+    on_finish: Callable[[RequestHandle, Finished], dict[str, Any]]
+
+
+def respond(
+    schema: type[OpenAISchema],
+    id_prefix: str,
+    object_name: str,
+    chunk_object: str,
+    choice: Callable[[Reply, Finished], dict[str, Any]],
+    stream_parts: Callable[[Reply], StreamParts],
+) -> Response:
+    """Validate, queue on the model's engine, then answer whole or as a stream."""
+    registry: ModelRegistry = current_app.extensions["textgen.registry"]
+    body: OpenAIRequest = load_body(schema(registry.settings))
     engine = registry.engine(body.model)
     job = engine.runner.prepare(body.prompts, body.params, body.until_context)
-    return Submission.start([(engine, job)], body.timeout)
+    submission = Submission.start([(engine, job)], body.timeout)
+    handle = submission.handles[0]
+    reply = Reply(
+        registry, body, submission, handle, token_text(registry, handle.model), new_id(id_prefix)
+    )
+    sock = request.environ.get("gunicorn.socket")
+    if body.stream:
+        parts = stream_parts(reply)
+
+        def closing() -> dict[str, Any] | None:
+            if not body.include_usage:
+                return None
+            return {**reply.base(chunk_object), "choices": [], "usage": usage(submission)}
+
+        ping_s = registry.settings.stream_ping_s
+        return sse_response(
+            stream_events(
+                submission, sock, ping_s, parts.on_delta, parts.on_finish, closing, parts.opening
+            )
+        )
+    if not wait_for(submission, sock):
+        return jsonify({})  # the client left; nobody reads this
+    choices = [choice(reply, finished) for finished in outputs(submission)]
+    return jsonify({**reply.base(object_name), "choices": choices, "usage": usage(submission)})
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def choice_index(handle: RequestHandle, event: Delta | Finished) -> int:
-    """OpenAI numbers choices across prompts: prompt i's j-th of n is i * n + j."""
-    return event.prompt_index * handle.job.params.num_return_sequences + event.index
 
 
 def finish_reason(event: Finished) -> str:
@@ -67,47 +130,6 @@ def token_text(registry: ModelRegistry, model: str) -> Callable[[int], str]:
         return piece
 
     return text
-
-
-def stream_chunks(
-    submission: Submission,
-    sock: socket.socket | None,
-    ping_s: float,
-    opening: Callable[[], Iterator[dict[str, Any]]],
-    on_delta: Callable[[RequestHandle, Delta], dict[str, Any] | None],
-    on_finish: Callable[[RequestHandle, Finished], dict[str, Any]],
-    final_usage: dict[str, Any] | None,
-) -> Iterator[str]:
-    """The SSE skeleton both endpoints share: opening chunks, deltas, finishes, usage, [DONE]."""
-    try:
-        for chunk in opening():
-            yield sse(chunk)
-        for item in follow(submission, sock, ping_s):
-            if isinstance(item, str):
-                yield item
-                continue
-            handle, event = item
-            if isinstance(event, Delta):
-                delta = on_delta(handle, event)
-                if delta is not None:
-                    yield sse(delta)
-            elif isinstance(event, Finished):
-                yield sse(on_finish(handle, event))
-            elif isinstance(event, Failed):
-                yield sse_error(event.message)
-                yield DONE
-                return
-        if not submission.done:
-            return  # the client left
-        if final_usage is not None:
-            yield sse({**final_usage, "choices": [], "usage": usage(submission)})
-        yield DONE
-    finally:
-        submission.cancel()
-
-
-def chunk_base(response_id: str, object_: str, model: str) -> dict[str, Any]:
-    return {"id": response_id, "object": object_, "created": int(time.time()), "model": model}
 
 
 def top_entries(entry: TokenLogprob, text: Callable[[int], str]) -> list[tuple[str, float]]:
