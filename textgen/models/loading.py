@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from textgen.models.cache import ModelCache
+from textgen.models.quantize import apply_dtype
 from textgen.models.sources import ModelUnavailable, PreparedModel, prepare
 from textgen.models.specs import ModelSpec
 
@@ -28,6 +29,7 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     load_seconds: float
+    parameters: int
 
     def info(self) -> dict[str, Any]:
         """Public description of the model."""
@@ -37,8 +39,8 @@ class LoadedModel:
             "kind": self.spec.kind,
             "revision": self.prepared.revision,
             "architecture": type(self.model).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "parameters": self.parameters,
+            "dtype": self.spec.dtype,
             "context_length": self.context_length,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "vocab_size": len(self.tokenizer),
@@ -70,12 +72,23 @@ def load_model(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -
         ) from exc
     model.eval()
     model.requires_grad_(False)
+    # Counted before int8 conversion, which gives a tied lm_head its own copy.
+    parameters = sum(p.numel() for p in model.parameters())
+    apply_dtype(model, spec.dtype, prepared.path, cache)
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = configure_padding(tokenizer, eos_ids)
     seconds = time.monotonic() - started
     log.info("loaded model %r from %s in %.1f s", spec.name, prepared.path, seconds)
     return LoadedModel(
-        spec, model, tokenizer, prepared, context_length(model, tokenizer), eos_ids, pad_id, seconds
+        spec,
+        model,
+        tokenizer,
+        prepared,
+        context_length(model, tokenizer),
+        eos_ids,
+        pad_id,
+        seconds,
+        parameters,
     )
 
 
