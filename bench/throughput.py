@@ -165,8 +165,10 @@ import json, time, torch
 from textgen.config import load_settings
 from textgen.models.cache import ModelCache
 from textgen.models.loading import load_model
+from textgen.models.specs import make_spec
 settings = load_settings({{}})
-loaded = load_model(settings.models[0], ModelCache(settings.model_cache))
+spec = make_spec("smollm2-135m-instruct", dtype="float32")  # the seeds' design: fp32
+loaded = load_model(spec, ModelCache(settings.model_cache))
 enc = loaded.tokenizer("Write a story about the sea.", return_tensors="pt")
 kwargs = dict(do_sample=False, max_new_tokens={NEW_TOKENS}, min_new_tokens={NEW_TOKENS},
               pad_token_id=loaded.pad_token_id)
@@ -182,7 +184,7 @@ print(json.dumps({{"output_tokens_per_s": round(rate, 1)}}))
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     return {
-        "server": "model.generate() per request (before the engine)",
+        "server": "model.generate() per request, fp32 (before the engine)",
         "clients": 1,
         **json.loads(out.stdout.strip().splitlines()[-1]),
     }
