@@ -128,3 +128,26 @@ for fmt in (None, {{"type": "json_object"}}):
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_back_to_back_requests_never_see_a_stale_full_queue(
+    model_dirs, tmp_path, monkeypatch
+) -> None:
+    """A request's slot is free by the time its response arrives."""
+    from tests.conftest import tiny_config
+    from textgen import create_app
+    from textgen.engine.scheduler import Engine
+
+    app = create_app(tiny_config(model_dirs, tmp_path, MAX_QUEUE=1))
+    real_evict = Engine._evict
+
+    def slow_evict(self: Engine) -> None:
+        # Bookkeeping after the last token: the client already has its response by now.
+        time.sleep(0.05)
+        real_evict(self)
+
+    monkeypatch.setattr(Engine, "_evict", slow_evict)
+    client = app.test_client()
+    for i in range(10):
+        response = client.post("/generate", json={"prompt": f"Hello {i}", "max_new_tokens": 2})
+        assert response.status_code == 200, (i, response.get_json())

@@ -127,3 +127,14 @@ def stack_right_aligned(top: torch.Tensor, bottom: torch.Tensor, capacity: int) 
     out[: top.shape[0], :, length - top.shape[-2] : length] = top
     out[top.shape[0] :, :, length - bottom.shape[-2] : length] = bottom
     return out
+
+
+def merge_masks(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """Stack two attention masks, left-padding the narrower one (as the cache rows are)."""
+    width = max(top.shape[1], bottom.shape[1])
+    return torch.cat(
+        [
+            torch.nn.functional.pad(top, (width - top.shape[1], 0)),
+            torch.nn.functional.pad(bottom, (width - bottom.shape[1], 0)),
+        ]
+    )

@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class RequestHandle:
         self.generated = 0
         # prompt index -> logprob of each prompt token (None for the first), when asked.
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
+        self.on_complete: Callable[[RequestHandle], None] | None = None
         self._cancelled = threading.Event()
 
     @property
@@ -87,11 +89,15 @@ class RequestHandle:
         return self._cancelled.is_set()
 
     def post(self, event: Delta | Finished | Failed) -> None:
-        """Send an event to the handler; the last output's Finished also stamps the end time."""
+        """Send an event to the handler; the last output's Finished also ends the request."""
         if isinstance(event, Finished):
             self.done += 1
             if self.done == self.outputs:
                 self.finished = time.perf_counter()
+                # Before the event: once the handler has it, the client may send its next
+                # request, and this one's capacity must already be free.
+                if self.on_complete is not None:
+                    self.on_complete(self)
         self.events.put((self, event))
 
     @property

@@ -1,0 +1,163 @@
+"""The running batch: the sequences decoded together, their KV cache rows and attention mask."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from textgen.engine.detokenize import IncrementalDetokenizer
+from textgen.engine.kvcache import BatchCache, merge_masks
+from textgen.engine.logprobs import record_prompt_logprobs, token_logprob
+from textgen.engine.metrics import EngineMetrics
+from textgen.engine.sampling import TokenChooser
+from textgen.engine.sequence import RequestHandle, Sequence
+from textgen.generation.runner import ModelRunner
+from textgen.generation.stopping import StopSequenceMatcher
+
+
+def new_sequences(handle: RequestHandle, runner: ModelRunner) -> list[Sequence]:
+    """One Sequence per output a request asks for (each prompt x num_return_sequences)."""
+    loaded = runner.loaded
+    params = handle.job.params
+    assert params.max_new_tokens is not None
+
+    def decode(ids: list[int]) -> str:
+        return str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
+
+    eos = frozenset() if params.ignore_eos else frozenset(loaded.eos_token_ids)
+    return [
+        Sequence(
+            handle=handle,
+            prompt_index=prompt_index,
+            index=index,
+            prompt=prompt,
+            chooser=TokenChooser(
+                params, index, len(prompt), eos, handle.job.grammar, params.max_new_tokens
+            ),
+            detokenizer=IncrementalDetokenizer(decode),
+            matcher=StopSequenceMatcher(params.stop),
+            eos=eos,
+            budget=params.max_new_tokens,
+        )
+        for prompt_index, prompt in enumerate(handle.job.encoded)
+        for index in range(params.num_return_sequences)
+    ]
+
+
+class RunningBatch:
+    """Rows of the batch, in the same order as the KV cache's and the mask's rows."""
+
+    def __init__(self, model: Any, pad_token_id: int, metrics: EngineMetrics) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.metrics = metrics
+        self.sequences: list[Sequence] = []
+        self.cache: BatchCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def clear(self) -> None:
+        self.sequences, self.cache, self.mask = [], None, None
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Run the new prompts together (left-padded), then add them to the batch."""
+        width = max(len(s.prompt) for s in sequences)
+        pad = self.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in sequences])
+        mask = torch.tensor(
+            [[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in sequences]
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = BatchCache()
+        # Logits for every prompt position only when a request wants its prompt's logprobs.
+        echo = any(s.handle.job.params.prompt_logprobs for s in sequences)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if echo else 1,
+        )
+        if echo:
+            record_prompt_logprobs(sequences, out.logits, width)
+        if self.cache is None or self.mask is None:
+            self.cache, self.mask = cache, mask
+        else:
+            self.cache.extend(cache)
+            self.mask = merge_masks(self.mask, mask)
+        self.sequences.extend(sequences)
+        self.advance(sequences, out.logits[:, -1, :])
+
+    def step(self) -> None:
+        """One decode step for every row."""
+        assert self.cache is not None and self.mask is not None
+        started = time.perf_counter()
+        rows = len(self.sequences)
+        ids = torch.tensor([[s.next_input] for s in self.sequences])
+        positions = self.mask.sum(-1, keepdim=True)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.advance(self.sequences, out.logits[:, -1, :])
+        self.metrics.step(rows, time.perf_counter() - started)
+
+    def advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose each sequence's next token (one argmax for all plain-greedy rows)."""
+        now = time.perf_counter()
+        greedy = [i for i, s in enumerate(sequences) if s.chooser.is_plain_greedy]
+        choices: dict[int, int] = {}
+        if greedy:
+            picks = logits[greedy].argmax(dim=-1).tolist()
+            choices = dict(zip(greedy, picks, strict=True))
+        for row, sequence in enumerate(sequences):
+            token = choices.get(row)
+            if token is None:
+                token = sequence.chooser.choose(sequence.history(), logits[row])
+            handle = sequence.handle
+            wanted = handle.job.params.logprobs
+            logprob = None if wanted is None else token_logprob(logits[row], token, wanted)
+            if handle.first_token is None:
+                handle.first_token = now
+                self.metrics.observe("time_to_first_token_s", now - handle.created)
+            if sequence.last_token_at is not None:
+                self.metrics.observe("inter_token_s", now - sequence.last_token_at)
+            sequence.last_token_at = now
+            sequence.accept(token, logprob)
+            handle.generated += 1
+            if sequence.finish_reason is None and now > handle.deadline:
+                sequence.finish("time_limit")
+
+    def evict(self) -> list[Sequence]:
+        """Remove finished and cancelled rows (returned); drop cache columns no row needs."""
+        assert self.cache is not None and self.mask is not None
+        keep, gone = [], []
+        for row, sequence in enumerate(self.sequences):
+            if sequence.handle.cancelled and sequence.finish_reason is None:
+                sequence.finish_reason = "cancelled"
+            if sequence.finish_reason is None:
+                keep.append(row)
+            else:
+                gone.append(sequence)
+        if not gone:
+            return gone
+        if not keep:
+            self.clear()
+            return gone
+        self.sequences = [self.sequences[row] for row in keep]
+        self.cache.keep_rows(keep)
+        self.mask = self.mask[keep]
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        if unused:
+            self.cache.drop_leading(unused)
+            self.mask = self.mask[:, unused:]
+        return gone
