@@ -39,11 +39,20 @@ def wait_for(predicate: Any, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-def test_concurrent_greedy_equals_one_at_a_time(embedded_app: Flask) -> None:
+def test_concurrent_greedy_equals_one_at_a_time() -> None:
+    # In float32, as the engine issue asks: int8 weights run bf16 activations, whose rounding
+    # depends on how many rows share a matmul, so batched greedy output may differ there.
+    app = create_app(
+        {
+            "MODELS": "smollm2-135m-instruct#float32",
+            "MODEL_CACHE": str(EMBEDDED_CACHE),
+            "LOAD_MODE": "sync",
+        }
+    )
     prompts = ["What is 2+2?", "Name a colour.", "Say hello in French.", "Count to five."]
     bodies = [{"messages": [{"role": "user", "content": p}], "max_new_tokens": 24} for p in prompts]
-    alone = [text(post(embedded_app, body)) for body in bodies]
-    assert [text(r) for r in concurrently(embedded_app, bodies)] == alone
+    alone = [text(post(app, body)) for body in bodies]
+    assert [text(r) for r in concurrently(app, bodies)] == alone
 
 
 def test_closing_a_stream_stops_generation(small_queue_app: Flask) -> None:
