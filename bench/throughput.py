@@ -6,6 +6,7 @@ requests/s, time to first token p50/p95 and inter-token latency p50/p95 per serv
 an in-process `model.generate()` run (the design before the engine) as the C=1 "before" anchor.
 
 Usage: python bench/throughput.py [--levels 1,4,16] [--requests-per-client 2] [--no-llama]
+       [--dtypes float32,bfloat16,int8]
 """
 
 from __future__ import annotations
@@ -190,9 +191,11 @@ print(json.dumps({{"output_tokens_per_s": round(rate, 1)}}))
     }
 
 
-def start_textgen(port: int) -> subprocess.Popen[bytes]:
+def start_textgen(port: int, dtype: str | None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
     env["TEXTGEN_BIND"] = f"127.0.0.1:{port}"
+    if dtype is not None:
+        env["TEXTGEN_MODELS"] = f"smollm2-135m-instruct#{dtype}"
     return subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=REPO,
@@ -228,20 +231,24 @@ def main() -> None:
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--no-llama", action="store_true")
+    parser.add_argument("--dtypes", help="weight formats to compare, e.g. float32,bfloat16,int8")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "throughput.json")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     results = [generate_baseline()]
     print(json.dumps(results[0]), flush=True)
 
-    port = free_port()
-    server = start_textgen(port)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/health", server)
-        url = f"http://127.0.0.1:{port}/generate"
-        results += measure("textgen", url, textgen_body, levels, args.requests_per_client)
-    finally:
-        stop(server)
+    # Without --dtypes: the default weight format; with it, one server per format.
+    for dtype in args.dtypes.split(",") if args.dtypes else [None]:
+        port = free_port()
+        server = start_textgen(port, dtype)
+        name = "textgen" if dtype is None else f"textgen {dtype}"
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", server)
+            url = f"http://127.0.0.1:{port}/generate"
+            results += measure(name, url, textgen_body, levels, args.requests_per_client)
+        finally:
+            stop(server)
 
     if not args.no_llama and ANCHOR.exists():
         port = free_port()
