@@ -222,7 +222,7 @@ class Engine:
             return handle.cancelled or time.perf_counter() > handle.deadline
 
         try:
-            result = self.runner.run(handle.job, interrupted)
+            outputs = self.runner.run(handle.job, interrupted)
         except BaseException:
             self._complete(handle)
             raise
@@ -232,8 +232,8 @@ class Engine:
             self._complete(handle)  # nobody reads the outputs, so none are posted
             return
         timed_out = time.perf_counter() > handle.deadline
-        self.metrics.count("generated_tokens", result.completion_tokens)
-        for output in result.outputs:
+        self.metrics.count("generated_tokens", sum(o.completion_tokens for o in outputs))
+        for output in outputs:
             handle.post(Delta(output.prompt_index, output.index, output.text))
             reason = "time_limit" if timed_out and output.finish_reason == "length" else None
             handle.post(

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +41,6 @@ class Job:
 
     encoded: list[list[int]]
     params: GenerationParams
-    created: float = field(default_factory=time.perf_counter)
     grammar: Any = None  # the compiled response format, when there is one
 
 
@@ -55,33 +53,6 @@ class Output:
     text: str
     finish_reason: str
     completion_tokens: int
-
-
-@dataclass
-class ModelResult:
-    """Everything one model produced for one request."""
-
-    model: str
-    outputs: list[Output]
-    prompt_tokens: int
-    parameters: dict[str, Any]
-    timings: dict[str, float | None] = field(default_factory=dict)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(o.completion_tokens for o in self.outputs)
-
-
-class StepClock(StoppingCriteria):
-    """Records when each decode step finishes; never stops anything itself."""
-
-    def __init__(self) -> None:
-        self.first: float | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        if self.first is None:
-            self.first = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)  # type: ignore[return-value]
 
 
 class Interruption(StoppingCriteria):
@@ -214,7 +185,7 @@ class ModelRunner:
             grammar = self.grammars.compile(params.response_format)
         return Job(encoded, dataclasses.replace(params, max_new_tokens=budget), grammar=grammar)
 
-    def run(self, job: Job, interrupted: Callable[[], bool] | None = None) -> ModelResult:
+    def run(self, job: Job, interrupted: Callable[[], bool] | None = None) -> list[Output]:
         """Run a prepared job with one generate() call (the engine uses it for beam search)."""
         params = job.params
         tokenizer = self.loaded.tokenizer
@@ -225,17 +196,13 @@ class ModelRunner:
             eos_token_id=None if params.ignore_eos else list(self.loaded.eos_token_ids) or None,
             pad_token_id=self.loaded.pad_token_id,
         )
-        clock = StepClock()
-        criteria = StoppingCriteriaList([clock])
+        criteria = StoppingCriteriaList()
         if interrupted is not None:
             criteria.append(Interruption(interrupted))
         if params.stop:
             width = batch["input_ids"].shape[1]
             matcher = StopSequenceMatcher(params.stop)
             criteria.append(StopStringCriteria(tokenizer, matcher, width))
-        started = time.perf_counter()
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         with torch.inference_mode():
             sequences = self.loaded.model.generate(
                 input_ids=batch["input_ids"],
@@ -243,22 +210,7 @@ class ModelRunner:
                 generation_config=config,
                 stopping_criteria=criteria,
             )
-        finished = time.perf_counter()
-        outputs = self.decode(sequences[:, batch["input_ids"].shape[1] :], params)
-        produced = sum(o.completion_tokens for o in outputs)
-        elapsed = finished - started
-        return ModelResult(
-            model=self.name,
-            outputs=outputs,
-            prompt_tokens=sum(len(ids) for ids in job.encoded),
-            parameters=params.applied(),
-            timings={
-                "queue_s": round(started - job.created, 6),
-                "time_to_first_token_s": round(clock.first - started, 6) if clock.first else None,
-                "generation_s": round(elapsed, 6),
-                "tokens_per_second": round(produced / elapsed, 3) if elapsed > 0 else None,
-            },
-        )
+        return self.decode(sequences[:, batch["input_ids"].shape[1] :], params)
 
     def decode(self, generated: torch.Tensor, params: GenerationParams) -> list[Output]:
         """Text, finish reason and token count of each generated row."""
