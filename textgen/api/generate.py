@@ -8,8 +8,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
+from textgen.api import current_registry
 from textgen.api.schemas import GenerateRequest, GenerateSchema, load_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.sequence import Delta, Finished, RequestHandle
@@ -22,7 +23,7 @@ bp = Blueprint("generate", __name__)
 @bp.post("/generate")
 def create_generation() -> Response:
     """Generate text for the body's prompt(s) with each requested model."""
-    registry: ModelRegistry = current_app.extensions["textgen.registry"]
+    registry = current_registry()
     body: GenerateRequest = load_body(GenerateSchema(registry.settings))
     submission = submit(registry, body)
     sock = request.environ.get("gunicorn.socket")

@@ -5,23 +5,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
+from textgen.api import current_registry
 from textgen.api.schemas import parameter_ranges
 from textgen.generation.strategies import describe_strategies
-from textgen.models.registry import ModelRegistry
 
 bp = Blueprint("info", __name__)
-
-
-def registry() -> ModelRegistry:
-    return current_app.extensions["textgen.registry"]
 
 
 @bp.get("/health")
 def get_health() -> tuple[Response, int, dict[str, str]] | Response:
     """200 once every model is loaded and warmed up; 503 with the reason before that."""
-    status = registry().status()
+    status = current_registry().status()
     if status["status"] == "ready":
         return jsonify({"status": "ok", **{k: v for k, v in status.items() if k != "status"}})
     return jsonify(status), 503, {"Retry-After": "5"}
@@ -30,14 +26,14 @@ def get_health() -> tuple[Response, int, dict[str, str]] | Response:
 @bp.get("/models")
 def list_models() -> Response:
     """Every configured model with its source, size, dtype and context length."""
-    reg = registry()
+    reg = current_registry()
     return jsonify({"default": reg.default_name, "models": reg.describe()})
 
 
 @bp.get("/strategies")
 def list_strategies() -> Response:
     """The decoding strategies, their settings and the parameters each accepts."""
-    ranges = parameter_ranges(registry().settings)
+    ranges = parameter_ranges(current_registry().settings)
     return jsonify({"strategies": describe_strategies(ranges)})
 
 
@@ -58,7 +54,7 @@ def get_info() -> Response:
             "interop_threads": torch.get_num_interop_threads(),
         },
         "transformers": transformers.__version__,
-        "settings": registry().settings.public(),
-        "engines": registry().engine_metrics(),
+        "settings": current_registry().settings.public(),
+        "engines": current_registry().engine_metrics(),
     }
     return jsonify(body)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from marshmallow import (
     RAISE,
     Schema,
@@ -15,10 +15,10 @@ from marshmallow import (
     validates_schema,
 )
 
+from textgen.api import current_registry
 from textgen.api.fields import StrictBoolean, StrictInteger
 from textgen.api.schemas import MessageSchema, load_body
 from textgen.generation.prompts import PromptInput
-from textgen.models.registry import ModelRegistry
 
 bp = Blueprint("tokenize", __name__)
 
@@ -57,15 +57,11 @@ class DetokenizeSchema(Schema):
     tokens = fields.List(StrictInteger(validate=validate.Range(min=0)), required=True)
 
 
-def registry() -> ModelRegistry:
-    return current_app.extensions["textgen.registry"]
-
-
 @bp.post("/tokenize")
 def tokenize() -> Response:
     """Token ids, their pieces and count, and the model's context length."""
     model, prompt = load_body(TokenizeSchema())
-    runner = registry().engine(model).runner
+    runner = current_registry().engine(model).runner
     ids = runner.tokenize(prompt)
     tokenizer = runner.loaded.tokenizer
     return jsonify(
@@ -83,7 +79,7 @@ def tokenize() -> Response:
 def detokenize() -> Response:
     """The text of a list of token ids, and each token's piece."""
     body = load_body(DetokenizeSchema())
-    runner = registry().engine(body.get("model")).runner
+    runner = current_registry().engine(body.get("model")).runner
     tokenizer = runner.loaded.tokenizer
     if any(token >= len(tokenizer) for token in body["tokens"]):
         raise ValidationError(f"token ids must be below {len(tokenizer)}", "tokens")

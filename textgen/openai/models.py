@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
+from textgen.api import current_registry
 from textgen.api.errors import NotFound
-from textgen.models.registry import ModelRegistry
 
 bp = Blueprint("openai_models", __name__)
 
@@ -27,7 +27,7 @@ def model_object(entry: dict[str, Any], created: int) -> dict[str, Any]:
 @bp.get("/v1/models")
 def list_models() -> Response:
     """Every configured model."""
-    registry: ModelRegistry = current_app.extensions["textgen.registry"]
+    registry = current_registry()
     created = registry.started_at
     return jsonify(
         {"object": "list", "data": [model_object(m, created) for m in registry.describe()]}
@@ -37,7 +37,7 @@ def list_models() -> Response:
 @bp.get("/v1/models/<path:model_id>")
 def retrieve_model(model_id: str) -> Response:
     """One model by id (ids may contain slashes, as Hub ids do)."""
-    registry: ModelRegistry = current_app.extensions["textgen.registry"]
+    registry = current_registry()
     for entry in registry.describe():
         if entry["name"] == model_id:
             return jsonify(model_object(entry, registry.started_at))

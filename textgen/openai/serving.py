@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, jsonify, request
 
+from textgen.api import current_registry
 from textgen.api.schemas import load_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.sequence import Delta, Finished, RequestHandle, TokenLogprob
@@ -60,7 +61,7 @@ def respond(
     stream_parts: Callable[[Reply], StreamParts],
 ) -> Response:
     """Validate, queue on the model's engine, then answer whole or as a stream."""
-    registry: ModelRegistry = current_app.extensions["textgen.registry"]
+    registry = current_registry()
     body: OpenAIRequest = load_body(schema(registry.settings))
     engine = registry.engine(body.model)
     job = engine.runner.prepare(body.prompts, body.params, body.until_context)
