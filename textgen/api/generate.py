@@ -15,7 +15,6 @@ from textgen.api.schemas import GenerateRequest, GenerateSchema, load_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.sequence import Delta, Finished, RequestHandle
 from textgen.engine.submission import Submission
-from textgen.models.registry import ModelRegistry
 
 bp = Blueprint("generate", __name__)
 
@@ -25,19 +24,13 @@ def create_generation() -> Response:
     """Generate text for the body's prompt(s) with each requested model."""
     registry = current_registry()
     body: GenerateRequest = load_body(GenerateSchema(registry.settings))
-    submission = submit(registry, body)
+    engines = [registry.engine(name) for name in body.models]
+    submission = Submission.start(engines, body.prompts, body.params, body.timeout)
     sock = request.environ.get("gunicorn.socket")
     if body.stream:
         ping_s = registry.settings.stream_ping_s
         return sse_response(stream_generation(submission, sock, ping_s))
     return jsonify(collect_generation(submission, sock))
-
-
-def submit(registry: ModelRegistry, body: GenerateRequest) -> Submission:
-    """Check the request against every model first, then queue it on each model's engine."""
-    engines = [registry.engine(name) for name in body.models]
-    jobs = [(engine, engine.runner.prepare(body.prompts, body.params)) for engine in engines]
-    return Submission.start(jobs, body.timeout)
 
 
 def collect_generation(submission: Submission, sock: socket.socket | None) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from typing import Any
 
 from textgen.engine.scheduler import Engine
 from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
-from textgen.generation.runner import Job
+from textgen.generation.prompts import PromptInput
+from textgen.generation.strategies import GenerationParams
 
 Event = Delta | Finished | Failed
 
@@ -24,8 +25,21 @@ class Submission:
         self.expected = sum(h.outputs for h in handles)
 
     @classmethod
-    def start(cls, jobs: list[tuple[Engine, Job]], deadline_s: float) -> Submission:
-        """Submit every job, or none: if one engine is full, the others' jobs are withdrawn."""
+    def start(
+        cls,
+        engines: list[Engine],
+        prompts: list[PromptInput],
+        params: GenerationParams,
+        deadline_s: float,
+        until_context: bool = False,
+    ) -> Submission:
+        """Run a request on every engine's model, all or nothing.
+
+        The request is checked against every model before any generates (a prompt too long
+        for one model fails the whole request at once), and if one engine is full, the jobs
+        already queued on the others are withdrawn.
+        """
+        jobs = [(e, e.runner.prepare(prompts, params, until_context)) for e in engines]
         events: queue.Queue[Any] = queue.Queue()
         deadline = time.perf_counter() + deadline_s
         handles: list[RequestHandle] = []

@@ -151,8 +151,7 @@ class ModelRegistry:
 def warm_up(engine: Engine) -> None:
     """One tiny greedy generation through the engine, so the first request pays no lazy setup."""
     params = GenerationParams(strategy="greedy", do_sample=False, max_new_tokens=2)
-    job = engine.runner.prepare([PromptInput(text="Hello")], params)
-    submission = Submission.start([(engine, job)], deadline_s=600)
+    submission = Submission.start([engine], [PromptInput(text="Hello")], params, deadline_s=600)
     for item in submission.events(poll=1.0):
         if item is not None and isinstance(item[1], Failed):
             raise RuntimeError(f"warm-up of {engine.name!r} failed: {item[1].message}")

@@ -64,8 +64,9 @@ def respond(
     registry = current_registry()
     body: OpenAIRequest = load_body(schema(registry.settings))
     engine = registry.engine(body.model)
-    job = engine.runner.prepare(body.prompts, body.params, body.until_context)
-    submission = Submission.start([(engine, job)], body.timeout)
+    submission = Submission.start(
+        [engine], body.prompts, body.params, body.timeout, body.until_context
+    )
     handle = submission.handles[0]
     reply = Reply(
         registry, body, submission, handle, token_text(registry, handle.model), new_id(id_prefix)
