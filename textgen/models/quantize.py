@@ -1,4 +1,4 @@
-"""Weight formats: float32, bfloat16, and int8 weight-only prepared once into the model cache."""
+"""Weight formats: float32, bfloat16, and int8 / int4 weight-only, prepared once into the cache."""
 
 from __future__ import annotations
 
@@ -16,35 +16,108 @@ from textgen.models.cache import ModelCache
 
 log = logging.getLogger(__name__)
 
+# int4 weights share one scale and one zero point per group of this many input columns: the
+# embedded model's Q4_1 blocks are 32 wide, so its weights survive with only the rounding of
+# each block's scale and minimum to bfloat16.
+INT4_GROUP = 32
 
-class Int8Linear(torch.nn.Module):
-    """A linear layer with int8 weights (one scale per output row) and bf16 activations.
 
-    Decoding one token reads every weight once, so a quarter of fp32's bytes is most of the
-    speed-up; PyTorch's own CPU kernel does the matmul.
+class WeightOnlyLinear(torch.nn.Module):
+    """A linear layer whose weights are stored in few bits; activations pass as bfloat16.
+
+    Decoding one token reads every weight once, so fewer weight bytes is most of the speed-up;
+    PyTorch's own CPU kernels do the matmul (their float32 paths are slow reference code).
     """
+
+    def __init__(self, bias: Any) -> None:
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+        out = out.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(WeightOnlyLinear):
+    """int8 weights with one scale per output row (``_weight_int8pack_mm``)."""
 
     weight_int8: torch.Tensor
     scale: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: Any) -> None:
-        super().__init__()
+        super().__init__(bias)
         self.register_buffer("weight_int8", weight)
         self.register_buffer("scale", scale)
-        self.bias = bias
 
     @classmethod
-    def quantized(cls, linear: torch.nn.Linear) -> Int8Linear:
+    def quantized(cls, linear: torch.nn.Linear) -> tuple[Int8Linear, dict[str, torch.Tensor]]:
+        """The layer and the tensors that store it."""
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
         int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(int8, scale.to(torch.bfloat16), linear.bias)
+        return cls.stored(int8, scale.to(torch.bfloat16), linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
-        out = out.reshape(*x.shape[:-1], -1).to(x.dtype)
-        return out if self.bias is None else out + self.bias
+    @classmethod
+    def stored(
+        cls, weight: torch.Tensor, scale: torch.Tensor, bias: Any
+    ) -> tuple[Int8Linear, dict[str, torch.Tensor]]:
+        return cls(weight, scale, bias), {"weight": weight, "scale": scale}
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scale)
+
+
+class Int4Linear(WeightOnlyLinear):
+    """4-bit weights in groups of INT4_GROUP input columns, each with a scale and a zero point.
+
+    ``w = (code - 8) * scale + zero`` (the kernel's convention), ``zero = minimum + 8 * scale``.
+    Stored as two codes per byte (``codes``) plus ``scale_zero`` [groups, rows, 2]; the kernel's
+    own packed layout is built at load time, so the cache does not depend on it.
+    """
+
+    packed: torch.Tensor
+    scale_zero: torch.Tensor
+
+    def __init__(self, codes: torch.Tensor, scale_zero: torch.Tensor, bias: Any) -> None:
+        super().__init__(bias)
+        unpacked = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked.to(torch.int32), 1)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zero", scale_zero)
+
+    @staticmethod
+    def fits(linear: torch.nn.Linear) -> bool:
+        """The kernel wants whole groups of inputs and output rows in multiples of 16."""
+        rows, columns = linear.weight.shape
+        return columns % INT4_GROUP == 0 and rows % 16 == 0
+
+    @classmethod
+    def quantized(cls, linear: torch.nn.Linear) -> tuple[Int4Linear, dict[str, torch.Tensor]]:
+        weight = linear.weight.detach().float()
+        rows, columns = weight.shape
+        groups = weight.reshape(rows, columns // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+        codes = codes.to(torch.uint8).reshape(rows, columns)
+        nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
+        return cls.stored(nibbles, scale_zero.contiguous().to(torch.bfloat16), linear.bias)
+
+    @classmethod
+    def stored(
+        cls, codes: torch.Tensor, scale_zero: torch.Tensor, bias: Any
+    ) -> tuple[Int4Linear, dict[str, torch.Tensor]]:
+        return cls(codes, scale_zero, bias), {"codes": codes, "scale_zero": scale_zero}
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, INT4_GROUP, self.scale_zero
+        )
 
 
 def linear_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
@@ -57,22 +130,38 @@ def linear_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     ]
 
 
-def to_int8(
-    model: torch.nn.Module, stored: dict[str, torch.Tensor] | None
+def quantize(
+    model: torch.nn.Module, bits: int, stored: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
-    """Swap every linear layer for an Int8Linear, from ``stored`` tensors when given."""
+    """Swap every linear layer for a weight-only one, from ``stored`` tensors when given.
+
+    With ``bits`` 4, the output layer stays int8 (it is the most sensitive to rounding, and GGUF
+    files keep it at 8 bits too: the embedded model's is Q8_0), and so does a layer the int4
+    kernel cannot take (odd shapes). Returns the tensors that store the result.
+    """
     names = {id(module): name for name, module in model.named_modules()}
+    output = getattr(model, "get_output_embeddings", lambda: None)()
     tensors: dict[str, torch.Tensor] = {}
     for parent, attr in linear_layers(model):
         key = f"{names[id(parent)]}.{attr}".lstrip(".")
         linear = getattr(parent, attr)
-        if stored is not None:
-            layer = Int8Linear(stored[f"{key}.weight"], stored[f"{key}.scale"], linear.bias)
+        kind: type[Int4Linear] | type[Int8Linear] = (
+            Int4Linear
+            if bits == 4 and linear is not output and Int4Linear.fits(linear)
+            else Int8Linear
+        )
+        if stored is None:
+            layer, parts = kind.quantized(linear)
+        elif f"{key}.codes" in stored:
+            layer, parts = Int4Linear.stored(
+                stored[f"{key}.codes"], stored[f"{key}.scale_zero"], linear.bias
+            )
         else:
-            layer = Int8Linear.quantized(linear)
+            layer, parts = Int8Linear.stored(
+                stored[f"{key}.weight"], stored[f"{key}.scale"], linear.bias
+            )
         setattr(parent, attr, layer)
-        tensors[f"{key}.weight"] = layer.weight_int8
-        tensors[f"{key}.scale"] = layer.scale
+        tensors.update({f"{key}.{name}": tensor for name, tensor in parts.items()})
     return tensors
 
 
@@ -87,21 +176,22 @@ def weights_key(model_dir: Path) -> str:
 
 
 def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: ModelCache) -> None:
-    """Put the model's weights in ``dtype``; int8 weights are computed once and cached."""
+    """Put the model's weights in ``dtype``; int8 and int4 weights are computed once and cached."""
     if dtype == "float32":
         return
     if dtype == "bfloat16":
         model.to(torch.bfloat16)
         return
+    bits = {"int8": 8, "int4": 4}[dtype]
     target = (
-        cache.root / "quantized" / f"{model_dir.name}-{weights_key(model_dir)}-int8.safetensors"
+        cache.root / "quantized" / f"{model_dir.name}-{weights_key(model_dir)}-{dtype}.safetensors"
     )
     if target.is_file():
-        to_int8(model, load_file(target))
+        quantize(model, bits, load_file(target))
         return
-    tensors = to_int8(model, None)
+    tensors = quantize(model, bits, None)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_suffix(f".{os.getpid()}.partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
     os.replace(staging, target)
-    log.info("int8 weights of %s prepared in %s", model_dir, target)
+    log.info("%s weights of %s prepared in %s", dtype, model_dir, target)
