@@ -18,6 +18,24 @@ def test_pull_prepares_configured_models(model_dirs, tmp_path, monkeypatch) -> N
     assert f"tiny: ready in {model_dirs['tiny-llama']}" in result.output
 
 
+def test_pull_quantizes_ahead_so_workers_start_warm(model_dirs, tmp_path, monkeypatch) -> None:
+    from textgen.models.cache import ModelCache
+    from textgen.models.sources import is_prepared
+    from textgen.models.specs import parse_model_specs
+
+    entry = f"tiny={model_dirs['tiny-llama']}#int4"
+    monkeypatch.setenv("TEXTGEN_MODELS", entry)
+    monkeypatch.setenv("TEXTGEN_MODEL_CACHE", str(tmp_path))
+    spec = parse_model_specs(entry)[0]
+    # gunicorn's master asks this (without torch) to decide whether to run `pull` first.
+    assert not is_prepared(spec, ModelCache(tmp_path))
+    result = CliRunner().invoke(main, ["pull"])
+    assert result.exit_code == 0, result.output
+    assert "(int4)" in result.output
+    assert list((tmp_path / "quantized").glob("*-int4.safetensors"))
+    assert is_prepared(spec, ModelCache(tmp_path))
+
+
 def test_pull_fails_with_the_reason(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEXTGEN_MODEL_CACHE", str(tmp_path))
     result = CliRunner().invoke(main, ["pull", str(tmp_path / "nothing-here")])

@@ -71,9 +71,7 @@ def test_quantized_weights_are_prepared_once(model_dirs, tmp_path, monkeypatch, 
         raise AssertionError("the cached weights should have been used")
 
     for kind in (quantize.Int8Linear, quantize.Int4Linear):
-        monkeypatch.setattr(
-            kind, "quantized", classmethod(lambda cls, linear: no_quantizing(linear))
-        )
+        monkeypatch.setattr(kind, "quantized", staticmethod(no_quantizing))
     second = app_with(model_dirs, tmp_path, dtype)
     body = {"prompt": "Hello", "max_new_tokens": 6}
     texts = [
@@ -83,6 +81,44 @@ def test_quantized_weights_are_prepared_once(model_dirs, tmp_path, monkeypatch, 
         for app in (first, second)
     ]
     assert texts[0] == texts[1]
+
+
+def mapped_files() -> list[tuple[int, int, str]]:
+    """(start, end, path) of every file this process maps."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end, fields[5]))
+    return spans
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
+def test_weights_are_mapped_from_files_workers_share(model_dirs, tmp_path, dtype) -> None:
+    """Every weight tensor is a view of a file mapping (page cache every worker shares), in the
+    model directory or the cache's quantized file, not a private copy."""
+    spec = make_spec(str(model_dirs["tiny-llama"]), dtype=dtype)
+    loaded = load_model(spec, ModelCache(tmp_path))
+    spans = mapped_files()
+    tensors = {**dict(loaded.model.named_parameters()), **dict(loaded.model.named_buffers())}
+    weights = {name: t for name, t in tensors.items() if t.numel() > 1024}
+    assert weights
+    for name, tensor in weights.items():
+        where = [path for start, end, path in spans if start <= tensor.data_ptr() < end]
+        assert where, f"{name} is a private copy"
+        assert where[0].startswith((str(model_dirs["tiny-llama"]), str(tmp_path))), where
+    if dtype != "float32":
+        assert any("quantized" in path for _, _, path in spans)
+
+
+def test_info_reports_worker_memory(model_dirs, tmp_path) -> None:
+    info = create_app(tiny_config(model_dirs, tmp_path)).test_client().get("/info").get_json()
+    memory = info["memory"]
+    assert 0 < memory["pss_mib"] <= memory["rss_mib"] <= memory["peak_rss_mib"]
+    assert memory["pss_anon_mib"] + memory["pss_file_mib"] == pytest.approx(
+        memory["pss_mib"], abs=1
+    )
 
 
 def perplexity(dtype: str) -> float:

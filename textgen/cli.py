@@ -9,7 +9,7 @@ import click
 
 from textgen.config import ConfigError, settings_from_env
 from textgen.models.cache import ModelCache
-from textgen.models.sources import ModelUnavailable, prepare
+from textgen.models.sources import ModelUnavailable, is_prepared, prepare
 from textgen.models.specs import SpecError, parse_model_specs
 
 
@@ -21,7 +21,7 @@ def main() -> None:
 @main.command()
 @click.argument("sources", nargs=-1)
 def pull(sources: tuple[str, ...]) -> None:
-    """Download or convert models into the cache (default: every model in TEXTGEN_MODELS)."""
+    """Download, convert and quantize models into the cache (default: TEXTGEN_MODELS)."""
     try:
         settings = settings_from_env()
         specs = parse_model_specs(list(sources)) if sources else list(settings.models)
@@ -31,9 +31,14 @@ def pull(sources: tuple[str, ...]) -> None:
     for spec in specs:
         try:
             prepared = prepare(spec, cache, settings.hub_probe_timeout)
+            if not is_prepared(spec, cache):
+                # Loading once writes the quantized weights into the cache (imports torch).
+                from textgen.models.loading import load_model
+
+                load_model(spec, cache, settings.hub_probe_timeout)
         except ModelUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
-        click.echo(f"{spec.name}: ready in {prepared.path}")
+        click.echo(f"{spec.name}: ready in {prepared.path} ({spec.dtype})")
 
 
 @main.command(name="cache")

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 from textgen.api import current_registry
 from textgen.api.schemas import parameter_ranges
 from textgen.generation.strategies import describe_strategies
+from textgen.models.memory import process_memory
 
 bp = Blueprint("info", __name__)
 
@@ -56,5 +57,7 @@ def get_info() -> Response:
         "transformers": transformers.__version__,
         "settings": current_registry().settings.public(),
         "engines": current_registry().engine_metrics(),
+        # This worker's memory; PSS divides the pages workers share (the mapped weights).
+        "memory": process_memory(),
     }
     return jsonify(body)

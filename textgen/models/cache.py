@@ -1,17 +1,21 @@
-"""The model cache directory: Hub downloads, GGUF conversions, and locks between workers."""
+"""The model cache directory: Hub downloads, GGUF conversions, quantized weights, and locks."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 MARKER = "textgen-source.json"
+# Weight formats prepared into quantized/ (the others are the model directory's own tensors).
+QUANTIZED = ("int8", "int4")
 
 
 class ModelCache:
@@ -44,6 +48,21 @@ class ModelCache:
     def converted_path(self, key: str) -> Path:
         """Directory that holds (or will hold) one converted model."""
         return self.converted_dir / key
+
+    def quantized_path(self, model_dir: Path, dtype: str) -> Path:
+        """The file of a model directory's weights in a quantized format (torch-free to compute).
+
+        Keyed by the directory's weights files (names, sizes, times); int4 also by the torch
+        version, as it is stored in the layout of PyTorch's kernel.
+        """
+        stamp = [
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(model_dir.glob("*.safetensors"))
+        ]
+        layout = metadata.version("torch") if dtype == "int4" else ""
+        raw = json.dumps([str(model_dir.resolve()), stamp, layout]).encode()
+        key = hashlib.sha256(raw).hexdigest()[:16]
+        return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.safetensors"
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:

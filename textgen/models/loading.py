@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from textgen.models.cache import ModelCache
+from textgen.models.memory import release_freed_memory
 from textgen.models.quantize import apply_dtype
 from textgen.models.sources import ModelUnavailable, PreparedModel, prepare
 from textgen.models.specs import ModelSpec
@@ -75,6 +76,7 @@ def load_model(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -
     # Counted before int8 conversion, which gives a tied lm_head its own copy.
     parameters = sum(p.numel() for p in model.parameters())
     apply_dtype(model, spec.dtype, prepared.path, cache)
+    release_freed_memory()
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = configure_padding(tokenizer, eos_ids)
     seconds = time.monotonic() - started

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -53,19 +51,13 @@ class Int8Linear(WeightOnlyLinear):
         self.register_buffer("weight_int8", weight)
         self.register_buffer("scale", scale)
 
-    @classmethod
-    def quantized(cls, linear: torch.nn.Linear) -> tuple[Int8Linear, dict[str, torch.Tensor]]:
-        """The layer and the tensors that store it."""
+    @staticmethod
+    def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
+        """The tensors that store ``linear`` in this format (the constructor's arguments)."""
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
         int8 = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls.stored(int8, scale.to(torch.bfloat16), linear.bias)
-
-    @classmethod
-    def stored(
-        cls, weight: torch.Tensor, scale: torch.Tensor, bias: Any
-    ) -> tuple[Int8Linear, dict[str, torch.Tensor]]:
-        return cls(weight, scale, bias), {"weight": weight, "scale": scale}
+        return {"weight": int8, "scale": scale.to(torch.bfloat16)}
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scale)
@@ -75,17 +67,16 @@ class Int4Linear(WeightOnlyLinear):
     """4-bit weights in groups of INT4_GROUP input columns, each with a scale and a zero point.
 
     ``w = (code - 8) * scale + zero`` (the kernel's convention), ``zero = minimum + 8 * scale``.
-    Stored as two codes per byte (``codes``) plus ``scale_zero`` [groups, rows, 2]; the kernel's
-    own packed layout is built at load time, so the cache does not depend on it.
+    Stored in the kernel's own packed layout (``packed``), so the layer uses the tensors mapped
+    from the cache file as they are; that layout is PyTorch's, so the cache key names the torch
+    version. ``scale_zero`` is [groups, rows, 2].
     """
 
     packed: torch.Tensor
     scale_zero: torch.Tensor
 
-    def __init__(self, codes: torch.Tensor, scale_zero: torch.Tensor, bias: Any) -> None:
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, bias: Any) -> None:
         super().__init__(bias)
-        unpacked = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked.to(torch.int32), 1)
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zero", scale_zero)
 
@@ -95,24 +86,18 @@ class Int4Linear(WeightOnlyLinear):
         rows, columns = linear.weight.shape
         return columns % INT4_GROUP == 0 and rows % 16 == 0
 
-    @classmethod
-    def quantized(cls, linear: torch.nn.Linear) -> tuple[Int4Linear, dict[str, torch.Tensor]]:
+    @staticmethod
+    def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
         weight = linear.weight.detach().float()
         rows, columns = weight.shape
         groups = weight.reshape(rows, columns // INT4_GROUP, INT4_GROUP)
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-8)
         codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        codes = codes.to(torch.uint8).reshape(rows, columns)
-        nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        codes = codes.to(torch.int32).reshape(rows, columns)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
-        return cls.stored(nibbles, scale_zero.contiguous().to(torch.bfloat16), linear.bias)
-
-    @classmethod
-    def stored(
-        cls, codes: torch.Tensor, scale_zero: torch.Tensor, bias: Any
-    ) -> tuple[Int4Linear, dict[str, torch.Tensor]]:
-        return cls(codes, scale_zero, bias), {"codes": codes, "scale_zero": scale_zero}
+        return {"packed": packed, "scale_zero": scale_zero.contiguous().to(torch.bfloat16)}
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -130,68 +115,67 @@ def linear_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     ]
 
 
-def quantize(
-    model: torch.nn.Module, bits: int, stored: dict[str, torch.Tensor] | None
-) -> dict[str, torch.Tensor]:
-    """Swap every linear layer for a weight-only one, from ``stored`` tensors when given.
+def layer_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """(state-dict prefix, parent, attribute) of every linear layer."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [
+        (f"{names[id(parent)]}.{attr}".lstrip("."), parent, attr)
+        for parent, attr in linear_layers(model)
+    ]
+
+
+def quantized_tensors(model: torch.nn.Module, bits: int) -> dict[str, torch.Tensor]:
+    """The tensors that store every linear layer quantized to ``bits``.
 
     With ``bits`` 4, the output layer stays int8 (it is the most sensitive to rounding, and GGUF
     files keep it at 8 bits too: the embedded model's is Q8_0), and so does a layer the int4
-    kernel cannot take (odd shapes). Returns the tensors that store the result.
+    kernel cannot take (odd shapes).
     """
-    names = {id(module): name for name, module in model.named_modules()}
     output = getattr(model, "get_output_embeddings", lambda: None)()
     tensors: dict[str, torch.Tensor] = {}
-    for parent, attr in linear_layers(model):
-        key = f"{names[id(parent)]}.{attr}".lstrip(".")
+    for key, parent, attr in layer_names(model):
         linear = getattr(parent, attr)
         kind: type[Int4Linear] | type[Int8Linear] = (
             Int4Linear
             if bits == 4 and linear is not output and Int4Linear.fits(linear)
             else Int8Linear
         )
-        if stored is None:
-            layer, parts = kind.quantized(linear)
-        elif f"{key}.codes" in stored:
-            layer, parts = Int4Linear.stored(
-                stored[f"{key}.codes"], stored[f"{key}.scale_zero"], linear.bias
-            )
-        else:
-            layer, parts = Int8Linear.stored(
-                stored[f"{key}.weight"], stored[f"{key}.scale"], linear.bias
-            )
-        setattr(parent, attr, layer)
+        parts = kind.quantized(linear)
         tensors.update({f"{key}.{name}": tensor for name, tensor in parts.items()})
     return tensors
 
 
-def weights_key(model_dir: Path) -> str:
-    """Identifies a model directory's weights by file names, sizes and times."""
-    stamp = [
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(model_dir.glob("*.safetensors"))
-    ]
-    raw = json.dumps([str(model_dir.resolve()), stamp]).encode()
-    return hashlib.sha256(raw).hexdigest()[:16]
+def swap_in(model: torch.nn.Module, stored: dict[str, torch.Tensor]) -> None:
+    """Replace every linear layer by the quantized one ``stored`` holds for it."""
+    for key, parent, attr in layer_names(model):
+        bias = getattr(parent, attr).bias
+        if f"{key}.packed" in stored:
+            layer: WeightOnlyLinear = Int4Linear(
+                stored[f"{key}.packed"], stored[f"{key}.scale_zero"], bias
+            )
+        else:
+            layer = Int8Linear(stored[f"{key}.weight"], stored[f"{key}.scale"], bias)
+        setattr(parent, attr, layer)
 
 
 def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: ModelCache) -> None:
-    """Put the model's weights in ``dtype``; int8 and int4 weights are computed once and cached."""
+    """Put the model's weights in ``dtype``; int8 and int4 weights are computed once and cached.
+
+    Quantized layers use the tensors mapped from the cache file (shared by every worker); on the
+    first start they are written, then mapped back from the file.
+    """
     if dtype == "float32":
         return
     if dtype == "bfloat16":
         model.to(torch.bfloat16)
         return
     bits = {"int8": 8, "int4": 4}[dtype]
-    target = (
-        cache.root / "quantized" / f"{model_dir.name}-{weights_key(model_dir)}-{dtype}.safetensors"
-    )
-    if target.is_file():
-        quantize(model, bits, load_file(target))
-        return
-    tensors = quantize(model, bits, None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_suffix(f".{os.getpid()}.partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
-    os.replace(staging, target)
-    log.info("%s weights of %s prepared in %s", dtype, model_dir, target)
+    target = cache.quantized_path(model_dir, dtype)
+    if not target.is_file():
+        tensors = quantized_tensors(model, bits)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_suffix(f".{os.getpid()}.partial")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
+        os.replace(staging, target)
+        log.info("%s weights of %s prepared in %s", dtype, model_dir, target)
+    swap_in(model, load_file(target))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from textgen.models.cache import MARKER, ModelCache
+from textgen.models.cache import MARKER, QUANTIZED, ModelCache
 from textgen.models.specs import EMBEDDED, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,22 @@ def prepare(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -> P
 
 
 def is_prepared(spec: ModelSpec, cache: ModelCache) -> bool:
-    """Whether prepare() would find everything on disk (no download, no conversion, no torch)."""
+    """Whether loading would find everything on disk (no download, no conversion, no
+    quantizing), found without importing torch."""
     try:
         if spec.kind in ("embedded", "gguf"):
-            return (converted_location(gguf_file(spec), cache)[1] / MARKER).is_file()
-        if spec.kind == "local_dir":
-            return (Path(spec.source).expanduser() / "config.json").is_file()
-        return hub_cached(spec, cache) is not None
+            path: Path | None = converted_location(gguf_file(spec), cache)[1]
+            if path is None or not (path / MARKER).is_file():
+                return False
+        elif spec.kind == "local_dir":
+            path = Path(spec.source).expanduser()
+            if not (path / "config.json").is_file():
+                return False
+        else:
+            path = hub_cached(spec, cache)
+            if path is None:
+                return False
+        return spec.dtype not in QUANTIZED or cache.quantized_path(path, spec.dtype).is_file()
     except (ModelUnavailable, OSError):
         return False
 
