@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from textgen.engine.decode import decode_step_for
 from textgen.engine.detokenize import IncrementalDetokenizer
 from textgen.engine.kvcache import BatchCache, merge_masks
 from textgen.engine.logprobs import record_prompt_logprobs, token_logprob
@@ -51,6 +52,7 @@ class RunningBatch:
 
     def __init__(self, model: Any, pad_token_id: int, metrics: EngineMetrics) -> None:
         self.model = model
+        self.decode = decode_step_for(model)
         self.pad_token_id = pad_token_id
         self.metrics = metrics
         self.sequences: list[Sequence] = []
@@ -101,14 +103,7 @@ class RunningBatch:
         ids = torch.tensor([[s.next_input] for s in self.sequences])
         positions = self.mask.sum(-1, keepdim=True)
         self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.advance(self.sequences, out.logits[:, -1, :])
+        self.advance(self.sequences, self.decode(ids, positions, self.mask, self.cache))
         self.metrics.step(rows, time.perf_counter() - started)
 
     def advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:

@@ -1,0 +1,139 @@
+"""One decode step of the running batch: one new token for every row, logits of that position.
+
+For Llama-shaped models (Llama, SmolLM2, TinyLlama, Qwen2) the step runs the model's own
+modules and weights through a straight-line loop that does only what one token needs: no mask
+building from scratch, no output records, no hooks or keyword plumbing per layer. It computes
+the same operations in the same order as transformers' forward (with SDPA attention), so the
+logits are equal bit for bit (a test checks it); it was 8-15% faster per step here. Every other
+model takes transformers' forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from textgen.engine.kvcache import BatchCache
+
+# Architectures whose decoder layer is exactly: RMSNorm, q/k/v projections with rotary
+# position embeddings, SDPA over the cache, o projection, residual, RMSNorm, SiLU-gated MLP.
+LLAMA_SHAPED = ("llama", "qwen2")
+
+
+def decode_step_for(model: Any) -> DecodeStep:
+    """The fastest exact decode step available for ``model``."""
+    return LlamaDecodeStep(model) if LlamaDecodeStep.supports(model) else DecodeStep(model)
+
+
+class DecodeStep:
+    """transformers' forward for one new position per row."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
+    ) -> torch.Tensor:
+        """Logits [rows, vocab] for ``ids`` [rows, 1] at ``positions`` [rows, 1]; ``mask`` [rows,
+        columns] covers the cache and the new column."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :]
+
+
+class LlamaDecodeStep(DecodeStep):
+    """The Llama decoder for one position, written out over the model's own modules."""
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        config = model.config
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+        return (
+            config.model_type in LLAMA_SHAPED
+            and config._attn_implementation == "sdpa"
+            and config.hidden_act == "silu"
+            and getattr(config, "pretraining_tp", 1) == 1
+            and not getattr(config, "use_sliding_window", False)
+            and (rope is None or rope.get("rope_type", "default") == "default")
+        )
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.rotary = inner.rotary_emb
+        attention = self.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.groups = attention.num_key_value_groups
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
+    ) -> torch.Tensor:
+        rows = ids.shape[0]
+        hidden = self.embed(ids)  # [rows, 1, width]
+        freqs = positions[..., None].float() * self.rotary.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.rotary.attention_scaling
+        cos = (angles.cos() * scaling).to(hidden.dtype)[:, None]
+        sin = (angles.sin() * scaling).to(hidden.dtype)[:, None]
+        # As transformers does: no mask at all when no row has padding (SDPA's result differs in
+        # the last bits between no mask and an all-true one).
+        attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        for layer, slot in zip(self.layers, cache.slots, strict=True):
+            attention = layer.self_attn
+            x = rms_norm(hidden, layer.input_layernorm)
+            query = attention.q_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            key = attention.k_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            value = attention.v_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            query = query * cos + rotate_half(query) * sin
+            key = key * cos + rotate_half(key) * sin
+            keys, values = slot.update(key, value)
+            out = self.attend(query, keys, values, attend, attention.scaling)
+            out = out.reshape(rows, -1, 1, self.head_dim).transpose(1, 2).reshape(rows, 1, -1)
+            hidden = hidden + attention.o_proj(out)
+            x = rms_norm(hidden, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return self.head(rms_norm(hidden, self.norm))[:, -1, :]
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """SDPA for one query per row, called as transformers calls it (the kernel's result
+        depends in its last bits on the call's form)."""
+        if self.groups == 1:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        if mask is None:
+            return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+        # The heads that share a key/value head attend as one group of queries (no repeats).
+        rows = query.shape[0]
+        grouped = query.reshape(rows, keys.shape[1], self.groups, self.head_dim)
+        return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+
+
+def rms_norm(hidden: torch.Tensor, norm: Any) -> torch.Tensor:
+    """transformers' Llama RMSNorm, operation for operation."""
+    dtype = hidden.dtype
+    x = hidden.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
