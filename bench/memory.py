@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from serving import REPO, free_port, start_textgen, stop
+
 from textgen.models.memory import process_memory
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -41,19 +30,11 @@ def call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def measure(workers: int, dtype: str) -> dict[str, Any]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-    env.update(
-        TEXTGEN_BIND=f"127.0.0.1:{port}",
+    server = start_textgen(
+        port,
         TEXTGEN_MODELS=f"smollm2-135m-instruct#{dtype}",
         GUNICORN_WORKERS=str(workers),
         TEXTGEN_TORCH_THREADS="1",
-    )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -76,8 +57,7 @@ def measure(workers: int, dtype: str) -> dict[str, Any]:
             "sum_pss_mib": round(sum(w["pss_mib"] for w in per_worker.values()), 1),
         }
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        stop(server)
 
 
 def main() -> None:

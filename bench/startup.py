@@ -11,54 +11,24 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from serving import REPO, free_port, start_textgen, stop, wait_ready
 
 
 def time_to_ready(cache: Path, timeout: float = 600) -> float:
     """Seconds from launching gunicorn until /health answers 200."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-    env.update(TEXTGEN_BIND=f"127.0.0.1:{port}", TEXTGEN_MODEL_CACHE=str(cache))
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_textgen(port, TEXTGEN_MODEL_CACHE=str(cache))
     try:
-        while time.monotonic() - started < timeout:
-            if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {process.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
-                    if r.status == 200:
-                        return time.monotonic() - started
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("not ready in time")
+        wait_ready(f"http://127.0.0.1:{port}/health", process, timeout, poll=0.1)
+        return time.monotonic() - started
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        stop(process)
 
 
 def main() -> None:

@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,31 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from serving import REPO, free_port, start_textgen, stop, wait_ready
+
 ANCHOR = REPO.parent / "shared" / "anchors" / "llama-server.sh"
 NEW_TOKENS = 128
 TOPICS = ["the sea", "a robot", "autumn", "a city", "bread", "a library", "mountains", "time"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def stream_request(url: str, body: dict[str, Any]) -> tuple[float, list[float], int]:
@@ -191,20 +169,6 @@ print(json.dumps({{"output_tokens_per_s": round(rate, 1)}}))
     }
 
 
-def start_textgen(port: int, dtype: str | None) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-    env["TEXTGEN_BIND"] = f"127.0.0.1:{port}"
-    if dtype is not None:
-        env["TEXTGEN_MODELS"] = f"smollm2-135m-instruct#{dtype}"
-    return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def start_llama(port: int) -> subprocess.Popen[bytes]:
     from textgen.models.sources import embedded_gguf
     from textgen.models.specs import make_spec
@@ -216,14 +180,6 @@ def start_llama(port: int) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
 
 
 def main() -> None:
@@ -241,7 +197,8 @@ def main() -> None:
     # Without --dtypes: the default weight format; with it, one server per format.
     for dtype in args.dtypes.split(",") if args.dtypes else [None]:
         port = free_port()
-        server = start_textgen(port, dtype)
+        models = {} if dtype is None else {"TEXTGEN_MODELS": f"smollm2-135m-instruct#{dtype}"}
+        server = start_textgen(port, **models)
         name = "textgen" if dtype is None else f"textgen {dtype}"
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", server)
