@@ -121,6 +121,21 @@ def test_is_prepared_checks_without_loading(model_dirs, tmp_path, offline_hub) -
     assert not is_prepared(make_spec(str(tmp_path / "x.gguf")), cache)
 
 
+def test_is_prepared_sees_quantized_weights_of_a_symlinked_directory(model_dirs, tmp_path) -> None:
+    """prepare() resolves a local directory, so is_prepared must name its quantized file alike
+    (else gunicorn's master would run `textgen pull` on every start)."""
+    from textgen.models.loading import load_model
+    from textgen.models.sources import is_prepared
+
+    link = tmp_path / "linked-model"
+    link.symlink_to(model_dirs["tiny-llama"])
+    cache = ModelCache(tmp_path / "cache")
+    spec = make_spec(str(link), dtype="int8")
+    assert not is_prepared(spec, cache)
+    load_model(spec, cache)
+    assert is_prepared(spec, cache)
+
+
 def test_file_digest_is_remembered_until_the_file_changes(tmp_path) -> None:
     import os
 

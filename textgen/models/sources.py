@@ -54,21 +54,23 @@ def is_prepared(spec: ModelSpec, cache: ModelCache) -> bool:
     """Whether loading would find everything on disk (no download, no conversion, no
     quantizing), found without importing torch."""
     try:
-        if spec.kind in ("embedded", "gguf"):
-            path: Path | None = converted_location(gguf_file(spec), cache)[1]
-            if path is None or not (path / MARKER).is_file():
-                return False
-        elif spec.kind == "local_dir":
-            path = Path(spec.source).expanduser()
-            if not (path / "config.json").is_file():
-                return False
-        else:
-            path = hub_cached(spec, cache)
-            if path is None:
-                return False
+        path = prepared_dir(spec, cache)
+        if path is None:
+            return False
         return spec.dtype not in QUANTIZED or cache.quantized_path(path, spec.dtype).is_file()
     except (ModelUnavailable, OSError):
         return False
+
+
+def prepared_dir(spec: ModelSpec, cache: ModelCache) -> Path | None:
+    """The directory prepare() would return, when it is already on disk (doing no work)."""
+    if spec.kind in ("embedded", "gguf"):
+        target = converted_location(gguf_file(spec), cache)[1]
+        return target if (target / MARKER).is_file() else None
+    if spec.kind == "local_dir":
+        path = Path(spec.source).expanduser()
+        return path.resolve() if (path / "config.json").is_file() else None
+    return hub_cached(spec, cache)
 
 
 def gguf_file(spec: ModelSpec) -> Path:
