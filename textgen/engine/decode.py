@@ -4,8 +4,8 @@ For Llama-shaped models (Llama, SmolLM2, TinyLlama, Qwen2) the step runs the mod
 modules and weights through a straight-line loop that does only what one token needs: no mask
 building from scratch, no output records, no hooks or keyword plumbing per layer. It computes
 the same operations in the same order as transformers' forward (with SDPA attention), so the
-logits are equal bit for bit (a test checks it); it was 8-15% faster per step here. Every other
-model takes transformers' forward.
+logits are equal bit for bit (a test checks it); it took 5-14% less time per step here
+(bench/RESULTS.md). Every other model takes transformers' forward.
 """
 
 from __future__ import annotations

@@ -124,10 +124,10 @@ def layer_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]
     ]
 
 
-def quantized_tensors(model: torch.nn.Module, bits: int) -> dict[str, torch.Tensor]:
-    """The tensors that store every linear layer quantized to ``bits``.
+def quantized_tensors(model: torch.nn.Module, dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors that store every linear layer in ``dtype`` (int8 or int4).
 
-    With ``bits`` 4, the output layer stays int8 (it is the most sensitive to rounding, and GGUF
+    In int4, the output layer stays int8 (it is the most sensitive to rounding, and GGUF
     files keep it at 8 bits too: the embedded model's is Q8_0), and so does a layer the int4
     kernel cannot take (odd shapes).
     """
@@ -137,7 +137,7 @@ def quantized_tensors(model: torch.nn.Module, bits: int) -> dict[str, torch.Tens
         linear = getattr(parent, attr)
         kind: type[Int4Linear] | type[Int8Linear] = (
             Int4Linear
-            if bits == 4 and linear is not output and Int4Linear.fits(linear)
+            if dtype == "int4" and linear is not output and Int4Linear.fits(linear)
             else Int8Linear
         )
         parts = kind.quantized(linear)
@@ -169,10 +169,9 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
     if dtype == "bfloat16":
         model.to(torch.bfloat16)
         return
-    bits = {"int8": 8, "int4": 4}[dtype]
     target = cache.quantized_path(model_dir, dtype)
     if not target.is_file():
-        tensors = quantized_tensors(model, bits)
+        tensors = quantized_tensors(model, dtype)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_suffix(f".{os.getpid()}.partial")
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
