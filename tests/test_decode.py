@@ -59,7 +59,7 @@ def decode_both(
     return results[0], results[1]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int4"])
 @pytest.mark.parametrize(("rows", "padded"), [(1, False), (1, True), (3, True)])
 def test_llama_step_equals_transformers(model_dirs, tmp_path, dtype, rows, padded) -> None:
     loaded = load_model(

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from flask import Flask
+from transformers import AutoModelForCausalLM
 
 from tests.conftest import EMBEDDED_CACHE, REPO, tiny_config
 from textgen import create_app
 from textgen.models import quantize
 from textgen.models.cache import ModelCache
 from textgen.models.loading import load_model
+from textgen.models.sources import ModelUnavailable
 from textgen.models.specs import make_spec
 
 TEXT = (REPO / "tests" / "data" / "perplexity.txt").read_text()
@@ -25,7 +28,7 @@ def app_with(model_dirs: dict[str, Path], cache: Path, dtype: str) -> Flask:
     return create_app(tiny_config(model_dirs, cache, MODELS=models))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8", "int4"])
 def test_each_dtype_generates_like_generate(model_dirs, tmp_path, dtype: str) -> None:
     app = app_with(model_dirs, tmp_path, dtype)
     loaded = app.extensions["textgen.registry"].engine(None).runner.loaded
@@ -52,8 +55,11 @@ def test_each_dtype_generates_like_generate(model_dirs, tmp_path, dtype: str) ->
     )
     assert body["results"][0]["outputs"][0]["text"] == expected
     kinds = {type(m) for m in loaded.model.modules()}
-    if dtype in ("int8", "int4"):
-        assert torch.nn.Linear not in kinds  # every projection, lm_head included, is quantized
+    if dtype in ("float16", "int8", "int4"):
+        assert torch.nn.Linear not in kinds  # every projection, lm_head included, is converted
+    if dtype == "float16":
+        assert quantize.Float16Linear in kinds
+        assert loaded.model.dtype == torch.float32  # activations stay float32
     if dtype == "int4":
         assert quantize.Int4Linear in kinds
         # The output layer stays int8, as GGUF files keep it at 8 bits.
@@ -112,6 +118,28 @@ def test_weights_are_mapped_from_files_workers_share(model_dirs, tmp_path, dtype
         assert any("quantized" in path for _, _, path in spans)
 
 
+def test_float16_weights_are_packed_and_the_float32_file_let_go(model_dirs, tmp_path) -> None:
+    """float16 weights live in fbgemm's packed form, private to the process: nothing may keep
+    the float32 file mapped afterwards, or its pages (all read for packing) stay in the RSS."""
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["tiny-llama"], source)
+    loaded = load_model(make_spec(str(source), dtype="float16"), ModelCache(tmp_path / "cache"))
+    assert not [path for _, _, path in mapped_files() if path.startswith(str(source))]
+    linear = loaded.model.model.layers[0].mlp.up_proj
+    assert isinstance(linear, quantize.Float16Linear)
+    weight, _ = torch.ops.quantized.linear_unpack_fp16(linear.packed)
+    original = AutoModelForCausalLM.from_pretrained(source).model.layers[0].mlp.up_proj.weight
+    assert torch.equal(weight, original.detach().half().float())  # float16 rounding, nothing else
+
+
+def test_float16_without_fbgemm_is_refused_clearly(model_dirs, tmp_path, monkeypatch) -> None:
+    assert quantize.float16_supported()  # x86-64: the build this runs on has fbgemm
+    monkeypatch.setattr(quantize, "float16_supported", lambda: False)  # as on ARM
+    spec = make_spec(str(model_dirs["tiny-llama"]), dtype="float16")
+    with pytest.raises(ModelUnavailable, match="fbgemm.*int4, int8 or float32"):
+        load_model(spec, ModelCache(tmp_path))
+
+
 def test_info_reports_worker_memory(model_dirs, tmp_path) -> None:
     info = create_app(tiny_config(model_dirs, tmp_path)).test_client().get("/info").get_json()
     memory = info["memory"]
@@ -132,9 +160,11 @@ def perplexity(dtype: str) -> float:
 
 @pytest.mark.slow
 def test_perplexity_per_dtype() -> None:
-    """Measured here: fp32 18.87, int8 18.99 (+0.6%), int4 18.91 (+0.2%).
+    """Measured here: fp32 18.87, float16 18.87, int8 18.99 (+0.6%), int4 18.91 (+0.2%).
 
-    Bounds: int8 and bf16 within 2% of fp32 (one rounding of every weight). int4 within 1%: the
+    Bounds: int8 and bf16 within 2% of fp32 (one rounding of every weight). float16 within
+    0.5%: its 11-bit mantissa rounds each weight by at most 2^-11 relative (bf16's 8 bits: 2^-8),
+    and activations and sums stay float32. int4 within 1%: the
     embedded model's weights are Q4_1 blocks of 32 already, so groups of 32 hold them again with
     only the scales rounded to bf16 (quantizing the output layer to 4 bits, which GGUF keeps at
     8, had cost 5%).
@@ -143,6 +173,7 @@ def test_perplexity_per_dtype() -> None:
     assert 5 < reference < 60  # the model reads English, it is not random
     for dtype in ("int8", "bfloat16"):
         assert perplexity(dtype) == pytest.approx(reference, rel=0.02), dtype
+    assert perplexity("float16") == pytest.approx(reference, rel=0.005)
     assert perplexity("int4") == pytest.approx(reference, rel=0.01)
 
 

@@ -15,7 +15,7 @@ KINDS = ("embedded", "hub", "local_dir", "gguf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[\w./:-]{1,128}$")
 _SPEC_KEYS = {"name", "source", "revision", "trust_remote_code", "dtype"}
-DTYPES = ("float32", "bfloat16", "int8", "int4")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 # The embedded model's weights are 4-bit groups of 32 in its GGUF already (Q4_1), so int4 holds
 # them again within 0.2% perplexity of float32, and it decodes fastest (bench/RESULTS.md).
 DEFAULT_DTYPE = {"embedded": "int4"}
