@@ -40,8 +40,9 @@ def wait_for(predicate: Any, timeout: float = 60) -> None:
 
 
 def test_concurrent_greedy_equals_one_at_a_time() -> None:
-    # In float32, as the engine issue asks: int8 weights run bf16 activations, whose rounding
-    # depends on how many rows share a matmul, so batched greedy output may differ there.
+    # In float32, as the engine issue asks: the float16, int8 and int4 kernels round
+    # differently depending on how many rows share a matmul, so batched greedy output may
+    # differ there in a near tie.
     app = create_app(
         {
             "MODELS": "smollm2-135m-instruct#float32",

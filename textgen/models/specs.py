@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[\w./:-]{1,128}$")
 _SPEC_KEYS = {"name", "source", "revision", "trust_remote_code", "dtype"}
 DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
-# The embedded model's weights are 4-bit groups of 32 in its GGUF already (Q4_1), so int4 holds
-# them again within 0.2% perplexity of float32, and it decodes fastest (bench/RESULTS.md).
-DEFAULT_DTYPE = {"embedded": "int4"}
+# The embedded model's default: float16 (fbgemm) serves the most tokens per second once
+# clients share the batch, and one client as fast as int4 (bench/RESULTS.md). fbgemm is built
+# into PyTorch for x86-64 only; elsewhere int4, which holds this model's Q4_1 weights within
+# 0.2% perplexity of float32.
+DEFAULT_DTYPE = {
+    "embedded": "float16" if platform.machine().lower() in ("x86_64", "amd64") else "int4"
+}
 
 
 class SpecError(ValueError):
