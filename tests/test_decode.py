@@ -66,6 +66,9 @@ def test_llama_step_equals_transformers(model_dirs, tmp_path, dtype, rows, padde
         make_spec(str(model_dirs["tiny-llama"]), dtype=dtype), ModelCache(Path(tmp_path))
     )
     assert LlamaDecodeStep.supports(loaded.model)
+    # float16 packs q/k/v and gate/up together, which the step calls as one matmul each.
+    step = LlamaDecodeStep(loaded.model)
+    assert all(step.qkv + step.gate_up) == (dtype == "float16")
     reference, written_out = decode_both(loaded.model, rows, padded)
     for expected, got in zip(reference, written_out, strict=True):
         assert torch.equal(expected, got)

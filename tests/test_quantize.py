@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import EMBEDDED_CACHE, REPO, tiny_config
 from textgen import create_app
-from textgen.models import quantize
+from textgen.models import float16, quantize
 from textgen.models.cache import ModelCache
 from textgen.models.loading import load_model
 from textgen.models.sources import ModelUnavailable
@@ -58,7 +58,7 @@ def test_each_dtype_generates_like_generate(model_dirs, tmp_path, dtype: str) ->
     if dtype in ("float16", "int8", "int4"):
         assert torch.nn.Linear not in kinds  # every projection, lm_head included, is converted
     if dtype == "float16":
-        assert quantize.Float16Linear in kinds
+        assert float16.Float16Linear in kinds and float16.Float16Part in kinds
         assert loaded.model.dtype == torch.float32  # activations stay float32
     if dtype == "int4":
         assert quantize.Int4Linear in kinds
@@ -126,15 +126,16 @@ def test_float16_weights_are_packed_and_the_float32_file_let_go(model_dirs, tmp_
     loaded = load_model(make_spec(str(source), dtype="float16"), ModelCache(tmp_path / "cache"))
     assert not [path for _, _, path in mapped_files() if path.startswith(str(source))]
     linear = loaded.model.model.layers[0].mlp.up_proj
-    assert isinstance(linear, quantize.Float16Linear)
-    weight, _ = torch.ops.quantized.linear_unpack_fp16(linear.packed)
+    assert isinstance(linear, float16.Float16Part)  # packed with gate_proj
+    weight, _ = torch.ops.quantized.linear_unpack_fp16(linear.fused.packed)
+    weight = weight[linear.fused.sizes[0] :]
     original = AutoModelForCausalLM.from_pretrained(source).model.layers[0].mlp.up_proj.weight
     assert torch.equal(weight, original.detach().half().float())  # float16 rounding, nothing else
 
 
 def test_float16_without_fbgemm_is_refused_clearly(model_dirs, tmp_path, monkeypatch) -> None:
-    assert quantize.float16_supported()  # x86-64: the build this runs on has fbgemm
-    monkeypatch.setattr(quantize, "float16_supported", lambda: False)  # as on ARM
+    assert float16.supported()  # x86-64: the build this runs on has fbgemm
+    monkeypatch.setattr(float16, "supported", lambda: False)  # as on ARM
     spec = make_spec(str(model_dirs["tiny-llama"]), dtype="float16")
     with pytest.raises(ModelUnavailable, match="fbgemm.*int4, int8 or float32"):
         load_model(spec, ModelCache(tmp_path))
@@ -187,3 +188,23 @@ def test_dtype_in_model_specs() -> None:
     assert parse_model_specs("gpt2#int4")[0].dtype == "int4"
     with pytest.raises(SpecError, match="dtype"):
         parse_model_specs("gpt2#int3")
+
+
+def test_float16_fused_projections_equal_their_own_layers() -> None:
+    """q/k/v packed as one matmul give each layer's own result bit for bit, whether called as
+    one (the decode step) or layer by layer as transformers does (the first call computes all
+    three for that input; a new input is computed anew)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, rows, bias=bias) for rows, bias in ((64, True), (32, False))]
+    fused = float16.Float16Fused(layers)
+    parts = [float16.Float16Part(fused, index) for index in range(2)]
+    alone = [float16.Float16Linear(layer) for layer in layers]
+    for rows in (1, 5):
+        x = torch.randn(rows, 1, 64)
+        expected = [layer(x) for layer in alone]
+        assert all(torch.equal(a, b) for a, b in zip(fused.split(x), expected, strict=True))
+        assert all(torch.equal(p(x), e) for p, e in zip(parts, expected, strict=True))
+        assert fused._input is None  # released once every part took its columns
+        other = torch.randn(rows, 1, 64)
+        assert torch.equal(parts[0](x), expected[0])
+        assert torch.equal(parts[1](other), alone[1](other))  # not the kept result for x

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from textgen.engine.kvcache import BatchCache
+from textgen.models.float16 import fused_group
 
 # Architectures whose decoder layer is exactly: RMSNorm, q/k/v projections with rotary
 # position embeddings, SDPA over the cache, o projection, residual, RMSNorm, SiLU-gated MLP.
@@ -75,6 +76,11 @@ class LlamaDecodeStep(DecodeStep):
         attention = self.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.groups = attention.num_key_value_groups
+        # float16 weights pack q/k/v and gate/up as one matmul each: called as one here.
+        self.qkv = [
+            fused_group(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers
+        ]
+        self.gate_up = [fused_group(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
@@ -89,12 +95,18 @@ class LlamaDecodeStep(DecodeStep):
         # As transformers does: no mask at all when no row has padding (SDPA's result differs in
         # the last bits between no mask and an all-true one).
         attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
-        for layer, slot in zip(self.layers, cache.slots, strict=True):
+        for layer, slot, qkv, gate_up in zip(
+            self.layers, cache.slots, self.qkv, self.gate_up, strict=True
+        ):
             attention = layer.self_attn
             x = rms_norm(hidden, layer.input_layernorm)
-            query = attention.q_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            key = attention.k_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            value = attention.v_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            if qkv is not None:
+                query, key, value = qkv.split(x)
+            else:
+                query, key, value = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+            query = query.view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            key = key.view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            value = value.view(rows, 1, -1, self.head_dim).transpose(1, 2)
             query = query * cos + rotate_half(query) * sin
             key = key * cos + rotate_half(key) * sin
             keys, values = slot.update(key, value)
@@ -103,7 +115,11 @@ class LlamaDecodeStep(DecodeStep):
             hidden = hidden + attention.o_proj(out)
             x = rms_norm(hidden, layer.post_attention_layernorm)
             mlp = layer.mlp
-            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if gate_up is not None:
+                gate, up = gate_up.split(x)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden = hidden + mlp.down_proj(F.silu(gate) * up)
         return self.head(rms_norm(hidden, self.norm))[:, -1, :]
 
     def attend(
@@ -127,8 +143,11 @@ class LlamaDecodeStep(DecodeStep):
 
 
 def rms_norm(hidden: torch.Tensor, norm: Any) -> torch.Tensor:
-    """transformers' Llama RMSNorm, operation for operation."""
+    """transformers' Llama RMSNorm: in float32 PyTorch's own (the same operations in one call:
+    equal bit for bit, 16 against 26 us here), otherwise operation for operation."""
     dtype = hidden.dtype
+    if dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
     x = hidden.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * x.to(dtype)

@@ -1,7 +1,5 @@
-"""Weight formats: float32, bfloat16, float16 (fbgemm), and int8 / int4 weight-only.
-
-int8 and int4 weights are prepared once into the cache; float16 weights are packed at load.
-"""
+"""Weight formats: float32, bfloat16, float16 (fbgemm, in float16.py), and int8 / int4
+weight-only, which are prepared once into the cache."""
 
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from textgen.models import float16
 from textgen.models.cache import ModelCache
 from textgen.models.sources import ModelUnavailable
 
@@ -109,33 +108,6 @@ class Int4Linear(WeightOnlyLinear):
         )
 
 
-class Float16Linear(torch.nn.Module):
-    """float16 weights in fbgemm's packed layout, float32 activations and accumulation.
-
-    fbgemm's fp16 GEMM (``quantized::linear_dynamic_fp16``) converts the weights to float32 in
-    registers, so the model stays float32 everywhere else: no activation casts, and results
-    within about 1e-5 of float32 on the float16-rounded weights. It is the fastest format here
-    once several rows share a step (the int8/int4 kernels are compute-poor there). The packed
-    weights are private memory of each process: unlike int8/int4 they are not mapped from the
-    cache, so N workers hold N copies.
-    """
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
-        self.out_features = linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self.packed)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
-def float16_supported() -> bool:
-    """fbgemm, which has the float16 kernel, is built into PyTorch for x86-64 only."""
-    return "fbgemm" in torch.backends.quantized.supported_engines
-
-
 def linear_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     """(parent, attribute) of every nn.Linear, the tied lm_head included."""
     return [
@@ -201,17 +173,12 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
         model.to(torch.bfloat16)
         return
     if dtype == "float16":
-        if not float16_supported():
+        if not float16.supported():
             raise ModelUnavailable(
                 "float16 weights need PyTorch's fbgemm kernels, which this CPU's build lacks "
                 "(x86-64 only); choose int4, int8 or float32 (#dtype in TEXTGEN_MODELS)"
             )
-        for parent, attr in linear_layers(model):
-            setattr(parent, attr, Float16Linear(getattr(parent, attr)))
-        # The rest (embeddings, norms) becomes private too, which unmaps the float32 file:
-        # packing read all of it, and its pages would otherwise stay in the worker's RSS.
-        for parameter in model.parameters():
-            parameter.data = parameter.data.clone()
+        float16.convert(model)
         return
     target = cache.quantized_path(model_dir, dtype)
     if not target.is_file():
