@@ -39,8 +39,7 @@ class SlotLayer(DynamicLayer):
         assert self.key_buffer is not None and self.value_buffer is not None
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
-        self.set_length(end)
-        return self.current()
+        return self.set_length(end)
 
     def reserve(self, capacity: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
         """Grow the buffers to ``capacity`` columns, keeping what they hold."""
@@ -51,11 +50,13 @@ class SlotLayer(DynamicLayer):
             values[:, :, : self.length] = self.value_buffer[:, :, : self.length]
         self.key_buffer, self.value_buffer = keys, values
 
-    def set_length(self, length: int) -> None:
+    def set_length(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mark ``length`` columns filled; the filled keys and values (views)."""
         assert self.key_buffer is not None and self.value_buffer is not None
         self.length = length
-        self.keys = self.key_buffer[:, :, :length]
-        self.values = self.value_buffer[:, :, :length]
+        keys, values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The filled part of the keys and values (views into the buffers)."""

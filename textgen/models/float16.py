@@ -75,9 +75,13 @@ class Float16Fused:
         self._output: list[torch.Tensor] = []
         self._left = 0
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs for ``x`` side by side."""
+        return matmul(x, self.packed, self.out_features)
+
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's output for ``x`` (views into one result)."""
-        return list(matmul(x, self.packed, self.out_features).split(self.sizes, dim=-1))
+        return list(self.matmul(x).split(self.sizes, dim=-1))
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Layer ``index``'s output, computed with the others' the first time ``x`` comes.
