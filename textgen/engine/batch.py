@@ -12,6 +12,7 @@ from textgen.engine.detokenize import IncrementalDetokenizer
 from textgen.engine.kvcache import BatchCache, merge_masks
 from textgen.engine.logprobs import record_prompt_logprobs, token_logprob
 from textgen.engine.metrics import EngineMetrics
+from textgen.engine.prefix import LayerKV, PrefixCache
 from textgen.engine.sampling import TokenChooser
 from textgen.engine.sequence import RequestHandle, Sequence
 from textgen.generation.runner import ModelRunner
@@ -50,8 +51,15 @@ def new_sequences(handle: RequestHandle, runner: ModelRunner) -> list[Sequence]:
 class RunningBatch:
     """Rows of the batch, in the same order as the KV cache's and the mask's rows."""
 
-    def __init__(self, model: Any, pad_token_id: int, metrics: EngineMetrics) -> None:
+    def __init__(
+        self,
+        model: Any,
+        pad_token_id: int,
+        metrics: EngineMetrics,
+        prefixes: PrefixCache | None = None,
+    ) -> None:
         self.model = model
+        self.prefixes = prefixes
         self.decode = decode_step_for(model)
         self.pad_token_id = pad_token_id
         self.metrics = metrics
@@ -66,7 +74,40 @@ class RunningBatch:
         self.sequences, self.cache, self.mask = [], None, None
 
     def add(self, sequences: list[Sequence]) -> None:
-        """Run the new prompts together (left-padded), then add them to the batch."""
+        """Run the new prompts, then add them to the batch: a prompt whose start is in the
+        prefix cache computes only the rest; the others run together (left-padded)."""
+        fresh = []
+        for sequence in sequences:
+            # Echoed prompts want logprobs for every prompt position, so run whole.
+            hit = None
+            if self.prefixes is not None and not sequence.handle.job.params.prompt_logprobs:
+                hit = self.prefixes.match(sequence.prompt)
+            if hit is None:
+                fresh.append(sequence)
+            else:
+                self.add_continuing(sequence, *hit)
+        if fresh:
+            self.add_fresh(fresh)
+
+    def add_continuing(self, sequence: Sequence, reused: int, prefix: LayerKV) -> None:
+        """Run one prompt's tokens after the ``reused`` ones the prefix cache holds."""
+        cache = BatchCache.starting_with(prefix, reused)
+        length = len(sequence.prompt)
+        mask = torch.ones(1, length, dtype=torch.long)
+        out = self.model(
+            input_ids=torch.tensor([sequence.prompt[reused:]]),
+            attention_mask=mask,
+            position_ids=torch.arange(reused, length)[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.metrics.count("prompt_tokens_cached", reused)
+        self.remember([sequence], cache, length)
+        self.join([sequence], cache, mask, out.logits[:, -1, :])
+
+    def add_fresh(self, sequences: list[Sequence]) -> None:
+        """Run whole prompts together, left-padded."""
         width = max(len(s.prompt) for s in sequences)
         pad = self.pad_token_id
         ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in sequences])
@@ -87,13 +128,32 @@ class RunningBatch:
         )
         if echo:
             record_prompt_logprobs(sequences, out.logits, width)
+        self.remember(sequences, cache, width)
+        self.join(sequences, cache, mask, out.logits[:, -1, :])
+
+    def remember(self, sequences: list[Sequence], cache: BatchCache, width: int) -> None:
+        """Keep each prompt's keys and values (right-aligned at ``width`` columns) for reuse."""
+        if self.prefixes is None:
+            return
+        for row, sequence in enumerate(sequences):
+            start = width - len(sequence.prompt)
+            self.prefixes.store(sequence.prompt, cache.copy_row(row, start, width))
+
+    def join(
+        self,
+        sequences: list[Sequence],
+        cache: BatchCache,
+        mask: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> None:
+        """Add prefilled rows below the running ones, and choose their first tokens."""
         if self.cache is None or self.mask is None:
             self.cache, self.mask = cache, mask
         else:
             self.cache.extend(cache)
             self.mask = merge_masks(self.mask, mask)
         self.sequences.extend(sequences)
-        self.advance(sequences, out.logits[:, -1, :])
+        self.advance(sequences, logits)
 
     def step(self) -> None:
         """One decode step for every row."""

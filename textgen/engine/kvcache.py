@@ -41,6 +41,14 @@ class SlotLayer(DynamicLayer):
         self.value_buffer[:, :, self.length : end] = value_states
         return self.set_length(end)
 
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> SlotLayer:
+        """A layer whose cache starts as copies of ``keys`` and ``values``."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer.update(keys, values)
+        return layer
+
     def reserve(self, capacity: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
         """Grow the buffers to ``capacity`` columns, keeping what they hold."""
         keys = key_like.new_zeros(*key_like.shape[:2], capacity, key_like.shape[-1])
@@ -94,6 +102,24 @@ class BatchCache(Cache):
     @property
     def length(self) -> int:
         return self.slots[0].get_seq_length() if self.layers else 0
+
+    @classmethod
+    def starting_with(
+        cls, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int
+    ) -> BatchCache:
+        """A one-row cache holding the first ``length`` columns of each layer's keys/values."""
+        cache = cls()
+        cache.layers = [
+            SlotLayer.holding(keys[:, :, :length], values[:, :, :length]) for keys, values in layers
+        ]
+        return cache
+
+    def copy_row(self, row: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of columns [start, end) of one row, per layer: [1, heads, columns, dim]."""
+        return [
+            (keys[row : row + 1, :, start:end].clone(), values[row : row + 1, :, start:end].clone())
+            for keys, values in (slot.current() for slot in self.slots)
+        ]
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows (finished or cancelled sequences leave)."""

@@ -27,6 +27,7 @@ class EngineMetrics:
             "rejected": 0,
             "cancelled": 0,
             "prompt_tokens": 0,
+            "prompt_tokens_cached": 0,
             "generated_tokens": 0,
             "steps": 0,
         }

@@ -15,6 +15,7 @@ import torch
 
 from textgen.engine.batch import RunningBatch, new_sequences
 from textgen.engine.metrics import EngineMetrics
+from textgen.engine.prefix import PrefixCache
 from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle, Sequence
 from textgen.generation.runner import Job, ModelRunner
 
@@ -36,6 +37,7 @@ class EngineLimits:
     max_batch: int  # sequences decoded together
     max_requests: int  # requests accepted and not finished (running or waiting)
     max_pending_tokens: int  # tokens those requests may still generate
+    prefix_cache_tokens: int = 0  # prompt tokens whose keys/values are kept for reuse (0: off)
 
 
 class Engine:
@@ -48,7 +50,10 @@ class Engine:
         self._waiting: deque[RequestHandle] = deque()
         self._active: set[RequestHandle] = set()
         self._wake = threading.Condition()
-        self._batch = RunningBatch(runner.loaded.model, runner.loaded.pad_token_id, self.metrics)
+        prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
+        self._batch = RunningBatch(
+            runner.loaded.model, runner.loaded.pad_token_id, self.metrics, prefixes
+        )
         self._stopping = False
         self._thread = threading.Thread(
             target=self._serve, name=f"engine-{runner.name}", daemon=True

@@ -43,6 +43,7 @@ class ModelRegistry:
             max_batch=settings.max_batch,
             max_requests=settings.max_queue,
             max_pending_tokens=settings.max_queue_tokens,
+            prefix_cache_tokens=settings.prefix_cache_tokens,
         )
         self._engines: dict[str, Engine] = {}
         self._state = "idle"

@@ -1,0 +1,111 @@
+"""The prefix cache: a prompt that starts like a recent one computes only the rest, and
+generates what it would have generated from scratch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from flask import Flask
+
+from tests.conftest import tiny_config
+from textgen import create_app
+from textgen.engine.prefix import MIN_REUSE, PrefixCache, common_length
+
+BASE = "Once upon a time there was a small village near the sea, and the people"
+
+
+def layers(tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.zeros(1, 2, tokens, 4), torch.zeros(1, 2, tokens, 4))]
+
+
+def test_prefix_cache_matches_the_longest_start_within_its_budget() -> None:
+    cache = PrefixCache(max_tokens=20)
+    cache.store(list(range(10)), layers(10))
+    cache.store([0, 1, 2, 3, 4, 5, 70, 71], layers(8))
+    assert cache.tokens == 18
+    hit = cache.match([0, 1, 2, 3, 4, 5, 6, 7, 99])
+    assert hit is not None and hit[0] == 8  # the first entry shares 8 tokens, the second 6
+    assert cache.match(list(range(10))) is not None
+    assert cache.match(list(range(10)))[0] == 9  # type: ignore[index]  # the last token runs
+    assert cache.match([0, 1, 2, 50, 51]) is None  # 3 shared tokens < MIN_REUSE
+    cache.store([9] * MIN_REUSE, layers(MIN_REUSE))  # over budget: the least recently used goes
+    assert cache.tokens == 10 + MIN_REUSE and len(cache) == 2
+    hit = cache.match([0, 1, 2, 3, 4, 5, 70, 71, 72])
+    assert hit is not None and hit[0] == 6  # its own entry is gone; range(10) shares 6
+    cache.store([1, 2], layers(2))  # too short to be worth keeping
+    cache.store(list(range(100, 130)), layers(30))  # longer than the whole budget
+    assert len(cache) == 2
+    assert common_length((1, 2, 3), [1, 2]) == 2
+
+
+def greedy(app: Flask, prompt: str) -> str:
+    body = {"prompt": prompt, "max_new_tokens": 12, "ignore_eos": True, "strategy": "greedy"}
+    response = app.test_client().post("/generate", json=body)
+    assert response.status_code == 200, response.get_json()
+    return str(response.get_json()["results"][0]["outputs"][0]["text"])
+
+
+def engine_counters(app: Flask) -> dict[str, Any]:
+    info = app.test_client().get("/info").get_json()
+    return info["engines"]["tiny-llama"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_prompt_reusing_a_prefix_generates_as_from_scratch(model_dirs, tmp_path, dtype) -> None:
+    models = [{"name": "tiny-llama", "source": str(model_dirs["tiny-llama"]), "dtype": dtype}]
+    reusing = create_app(tiny_config(model_dirs, tmp_path, MODELS=models))
+    scratch = create_app(tiny_config(model_dirs, tmp_path, MODELS=models, PREFIX_CACHE_TOKENS=0))
+    tokenizer = reusing.extensions["textgen.registry"].engine(None).runner.loaded.tokenizer
+    longer = BASE + " of the village went fishing every morning"
+    prompts = [BASE, longer, BASE]  # the second starts like the first; the third is the first
+    for prompt in prompts:
+        assert greedy(reusing, prompt) == greedy(scratch, prompt), prompt
+    first, second = (tokenizer(text)["input_ids"] for text in (BASE, longer))
+    expected = common_length(tuple(first), second) + len(first) - 1
+    assert expected >= 2 * MIN_REUSE
+    assert engine_counters(reusing)["prompt_tokens_cached"] == expected
+    assert engine_counters(scratch)["prompt_tokens_cached"] == 0
+
+
+def test_a_continuing_prompt_joins_rows_already_decoding(model_dirs, tmp_path) -> None:
+    reusing = create_app(tiny_config(model_dirs, tmp_path))
+    scratch = create_app(tiny_config(model_dirs, tmp_path, PREFIX_CACHE_TOKENS=0))
+    longer = BASE + " of the village went fishing every morning"
+    greedy(reusing, BASE)  # now in the prefix cache
+    long_body = {"prompt": "Hello", "max_new_tokens": 200, "ignore_eos": True}
+    result: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(r=reusing.test_client().post("/generate", json=long_body))
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while engine_counters(reusing)["running"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    cached_before = engine_counters(reusing)["prompt_tokens_cached"]
+    assert greedy(reusing, longer) == greedy(scratch, longer)
+    assert engine_counters(reusing)["prompt_tokens_cached"] > cached_before
+    thread.join(120)
+    assert result["r"].status_code == 200
+    assert result["r"].get_json()["results"][0]["outputs"][0]["completion_tokens"] == 200
+
+
+def test_an_echoed_prompt_runs_whole(model_dirs, tmp_path) -> None:
+    """Echo wants logprobs for every prompt token, so the prompt is not continued from the
+    cache; its prompt logprobs equal the ones computed without a prefix cache."""
+    reusing = create_app(tiny_config(model_dirs, tmp_path))
+    scratch = create_app(tiny_config(model_dirs, tmp_path, PREFIX_CACHE_TOKENS=0))
+    greedy(reusing, BASE)
+    body = {"model": "tiny-llama", "prompt": BASE, "max_tokens": 4, "temperature": 0}
+    body.update(echo=True, logprobs=1)
+    answers = [
+        app.test_client().post("/v1/completions", json=body).get_json()
+        for app in (reusing, scratch)
+    ]
+    logprobs = [a["choices"][0]["logprobs"]["token_logprobs"] for a in answers]
+    assert logprobs[0][1:] == pytest.approx(logprobs[1][1:], abs=1e-5)
+    assert engine_counters(reusing)["prompt_tokens_cached"] == 0
