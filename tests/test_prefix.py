@@ -109,3 +109,42 @@ def test_an_echoed_prompt_runs_whole(model_dirs, tmp_path) -> None:
     logprobs = [a["choices"][0]["logprobs"]["token_logprobs"] for a in answers]
     assert logprobs[0][1:] == pytest.approx(logprobs[1][1:], abs=1e-5)
     assert engine_counters(reusing)["prompt_tokens_cached"] == 0
+
+
+def test_prompts_continuing_different_prefixes_together(model_dirs, tmp_path) -> None:
+    """Prompts that arrive together and continue kept prompts of different lengths run in one
+    call (kept columns right-aligned, the rest after them) and each generates as from scratch."""
+    reusing = create_app(tiny_config(model_dirs, tmp_path))
+    scratch = create_app(tiny_config(model_dirs, tmp_path, PREFIX_CACHE_TOKENS=0))
+    short = "The capital of France is a city where"
+    greedy(reusing, BASE)
+    greedy(reusing, short)
+    prompts = [
+        BASE + " of the village went fishing",
+        short + " many people live",
+        BASE + " sang",
+        "Numbers 0123 and nothing kept",
+    ]
+    busy = threading.Thread(
+        target=lambda: reusing.test_client().post(
+            "/generate", json={"prompt": "Hello", "max_new_tokens": 100, "ignore_eos": True}
+        )
+    )
+    busy.start()  # a running batch, so the prompts below queue and are admitted together
+    while engine_counters(reusing)["running"] < 1:
+        time.sleep(0.005)
+    results: list[str] = [""] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def run(index: int) -> None:
+        barrier.wait()
+        results[index] = greedy(reusing, prompts[index])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    busy.join(120)
+    assert results == [greedy(scratch, prompt) for prompt in prompts]
+    assert engine_counters(reusing)["prompt_tokens_cached"] > 0

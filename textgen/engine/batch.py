@@ -74,9 +74,9 @@ class RunningBatch:
         self.sequences, self.cache, self.mask = [], None, None
 
     def add(self, sequences: list[Sequence]) -> None:
-        """Run the new prompts, then add them to the batch: a prompt whose start is in the
-        prefix cache computes only the rest; the others run together (left-padded)."""
-        fresh = []
+        """Run the new prompts, then add them to the batch: prompts whose start is in the
+        prefix cache compute only the rest, together; the others run together, whole."""
+        fresh, continuing, hits = [], [], []
         for sequence in sequences:
             # Echoed prompts want logprobs for every prompt position, so run whole.
             hit = None
@@ -85,26 +85,41 @@ class RunningBatch:
             if hit is None:
                 fresh.append(sequence)
             else:
-                self.add_continuing(sequence, *hit)
+                continuing.append(sequence)
+                hits.append(hit)
         if fresh:
             self.add_fresh(fresh)
+        if continuing:
+            self.add_continuing(continuing, hits)
 
-    def add_continuing(self, sequence: Sequence, reused: int, prefix: LayerKV) -> None:
-        """Run one prompt's tokens after the ``reused`` ones the prefix cache holds."""
-        cache = BatchCache.starting_with(prefix, reused)
-        length = len(sequence.prompt)
-        mask = torch.ones(1, length, dtype=torch.long)
+    def add_continuing(self, sequences: list[Sequence], hits: list[tuple[int, LayerKV]]) -> None:
+        """Run each prompt's tokens after the ones the prefix cache holds, all in one call: the
+        kept keys and values right-aligned in ``past`` columns, the rest left-padded after."""
+        reused = [length for length, _ in hits]
+        rest = [len(s.prompt) - n for s, n in zip(sequences, reused, strict=True)]
+        past, new = max(reused), max(rest)
+        cache = BatchCache.right_aligned([kv for _, kv in hits], reused, past, room=new)
+        rows = list(zip(sequences, reused, rest, strict=True))
+        pad = self.pad_token_id
+        ids = torch.tensor([[pad] * (new - r) + s.prompt[n:] for s, n, r in rows])
+        mask = torch.tensor(
+            [[0] * (past - n) + [1] * n + [0] * (new - r) + [1] * r for _, n, r in rows]
+        )
+        positions = torch.tensor([[0] * (new - r) + list(range(n, n + r)) for _, n, r in rows])
         out = self.model(
-            input_ids=torch.tensor([sequence.prompt[reused:]]),
+            input_ids=ids,
             attention_mask=mask,
-            position_ids=torch.arange(reused, length)[None],
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        self.metrics.count("prompt_tokens_cached", reused)
-        self.remember([sequence], cache, length)
-        self.join([sequence], cache, mask, out.logits[:, -1, :])
+        self.metrics.count("prompt_tokens_cached", sum(reused))
+        if self.prefixes is not None:
+            for row, (sequence, n, r) in enumerate(rows):
+                columns = [(past - n, past), (past + new - r, past + new)]
+                self.prefixes.store(sequence.prompt, cache.copy_row(row, columns))
+        self.join(sequences, cache, mask, out.logits[:, -1, :])
 
     def add_fresh(self, sequences: list[Sequence]) -> None:
         """Run whole prompts together, left-padded."""
@@ -128,16 +143,11 @@ class RunningBatch:
         )
         if echo:
             record_prompt_logprobs(sequences, out.logits, width)
-        self.remember(sequences, cache, width)
+        if self.prefixes is not None:
+            for row, sequence in enumerate(sequences):
+                columns = [(width - len(sequence.prompt), width)]
+                self.prefixes.store(sequence.prompt, cache.copy_row(row, columns))
         self.join(sequences, cache, mask, out.logits[:, -1, :])
-
-    def remember(self, sequences: list[Sequence], cache: BatchCache, width: int) -> None:
-        """Keep each prompt's keys and values (right-aligned at ``width`` columns) for reuse."""
-        if self.prefixes is None:
-            return
-        for row, sequence in enumerate(sequences):
-            start = width - len(sequence.prompt)
-            self.prefixes.store(sequence.prompt, cache.copy_row(row, start, width))
 
     def join(
         self,

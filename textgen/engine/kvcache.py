@@ -41,14 +41,6 @@ class SlotLayer(DynamicLayer):
         self.value_buffer[:, :, self.length : end] = value_states
         return self.set_length(end)
 
-    @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> SlotLayer:
-        """A layer whose cache starts as copies of ``keys`` and ``values``."""
-        layer = cls()
-        layer.lazy_initialization(keys, values)
-        layer.update(keys, values)
-        return layer
-
     def reserve(self, capacity: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
         """Grow the buffers to ``capacity`` columns, keeping what they hold."""
         keys = key_like.new_zeros(*key_like.shape[:2], capacity, key_like.shape[-1])
@@ -104,22 +96,45 @@ class BatchCache(Cache):
         return self.slots[0].get_seq_length() if self.layers else 0
 
     @classmethod
-    def starting_with(
-        cls, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int
+    def right_aligned(
+        cls,
+        kept: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        lengths: list[int],
+        columns: int,
+        room: int,
     ) -> BatchCache:
-        """A one-row cache holding the first ``length`` columns of each layer's keys/values."""
+        """A cache of one row per entry of ``kept`` (per layer: keys and values [1, heads, n,
+        dim]), its first ``lengths`` columns ending at column ``columns``; space for ``room``
+        more columns."""
         cache = cls()
-        cache.layers = [
-            SlotLayer.holding(keys[:, :, :length], values[:, :, :length]) for keys, values in layers
-        ]
+        for layer in range(len(kept[0])):
+            like_keys, like_values = kept[0][layer]
+            shape = (len(kept), like_keys.shape[1], columns + room + HEADROOM, like_keys.shape[-1])
+            keys, values = like_keys.new_zeros(shape), like_values.new_zeros(shape)
+            for row, (layers, length) in enumerate(zip(kept, lengths, strict=True)):
+                keys[row, :, columns - length : columns] = layers[layer][0][0, :, :length]
+                values[row, :, columns - length : columns] = layers[layer][1][0, :, :length]
+            slot = SlotLayer()
+            slot.lazy_initialization(keys, values)
+            slot.key_buffer, slot.value_buffer = keys, values
+            slot.set_length(columns)
+            cache.layers.append(slot)
         return cache
 
-    def copy_row(self, row: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of columns [start, end) of one row, per layer: [1, heads, columns, dim]."""
-        return [
-            (keys[row : row + 1, :, start:end].clone(), values[row : row + 1, :, start:end].clone())
-            for keys, values in (slot.current() for slot in self.slots)
-        ]
+    def copy_row(
+        self, row: int, spans: list[tuple[int, int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of one row's columns in ``spans`` ([start, end), joined), per layer: [1,
+        heads, columns, dim]."""
+        out = []
+        for keys, values in (slot.current() for slot in self.slots):
+            out.append(
+                (
+                    torch.cat([keys[row : row + 1, :, a:b] for a, b in spans], dim=2),
+                    torch.cat([values[row : row + 1, :, a:b] for a, b in spans], dim=2),
+                )
+            )
+        return out
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows (finished or cancelled sequences leave)."""
