@@ -37,6 +37,7 @@ pytest: setup-dev
 bench: setup-dev
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/prefix.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
