@@ -148,3 +148,29 @@ def test_prompts_continuing_different_prefixes_together(model_dirs, tmp_path) ->
     busy.join(120)
     assert results == [greedy(scratch, prompt) for prompt in prompts]
     assert engine_counters(reusing)["prompt_tokens_cached"] > 0
+
+
+def test_a_finished_output_is_kept_for_the_next_turn(model_dirs, tmp_path) -> None:
+    """A follow-up prompt that repeats the earlier prompt and its output (token for token, as a
+    chat's next turn does) reuses the output's keys and values too, and generates as from
+    scratch."""
+    reusing = create_app(tiny_config(model_dirs, tmp_path))
+    scratch = create_app(tiny_config(model_dirs, tmp_path, PREFIX_CACHE_TOKENS=0))
+    loaded = reusing.extensions["textgen.registry"].engine(None).runner.loaded
+    first = loaded.tokenizer(BASE)["input_ids"]
+    greedy(reusing, BASE)  # 12 tokens generated and kept (all but the last)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            torch.tensor([first]), do_sample=False, max_new_tokens=12, min_new_tokens=12
+        )
+    follow_up = out[0].tolist() + loaded.tokenizer(" and then")["input_ids"]
+
+    def complete(app: Flask) -> str:
+        body = {"model": "tiny-llama", "prompt": follow_up, "max_tokens": 8, "temperature": 0}
+        return str(
+            app.test_client().post("/v1/completions", json=body).get_json()["choices"][0]["text"]
+        )
+
+    before = engine_counters(reusing)["prompt_tokens_cached"]
+    assert complete(reusing) == complete(scratch)
+    assert engine_counters(reusing)["prompt_tokens_cached"] - before == len(first) + 11

@@ -117,7 +117,11 @@ class RunningBatch:
         self.metrics.count("prompt_tokens_cached", sum(reused))
         if self.prefixes is not None:
             for row, (sequence, n, r) in enumerate(rows):
-                columns = [(past - n, past), (past + new - r, past + new)]
+                kept, computed = (
+                    torch.arange(past - n, past),
+                    torch.arange(past + new - r, past + new),
+                )
+                columns = torch.cat([kept, computed])
                 self.prefixes.store(sequence.prompt, cache.copy_row(row, columns))
         self.join(sequences, cache, mask, out.logits[:, -1, :])
 
@@ -145,7 +149,7 @@ class RunningBatch:
             record_prompt_logprobs(sequences, out.logits, width)
         if self.prefixes is not None:
             for row, sequence in enumerate(sequences):
-                columns = [(width - len(sequence.prompt), width)]
+                columns = torch.arange(width - len(sequence.prompt), width)
                 self.prefixes.store(sequence.prompt, cache.copy_row(row, columns))
         self.join(sequences, cache, mask, out.logits[:, -1, :])
 
@@ -202,6 +206,15 @@ class RunningBatch:
             if sequence.finish_reason is None and now > handle.deadline:
                 sequence.finish("time_limit")
 
+    def remember_finished(self, row: int, sequence: Sequence) -> None:
+        """Keep a finished row's prompt and output (all but the last token, which was chosen
+        but never run) for reuse: the next turn of a chat starts with them."""
+        assert self.prefixes is not None and self.cache is not None and self.mask is not None
+        columns = self.mask[row].nonzero().flatten()
+        tokens = sequence.prompt + sequence.generated[:-1]
+        if len(columns) == len(tokens):
+            self.prefixes.store(tokens, self.cache.copy_row(row, columns))
+
     def evict(self) -> list[Sequence]:
         """Remove finished and cancelled rows (returned); drop cache columns no row needs."""
         assert self.cache is not None and self.mask is not None
@@ -215,6 +228,10 @@ class RunningBatch:
                 gone.append(sequence)
         if not gone:
             return gone
+        if self.prefixes is not None:
+            for row, sequence in enumerate(self.sequences):
+                if sequence.finish_reason not in (None, "cancelled"):
+                    self.remember_finished(row, sequence)
         if not keep:
             self.clear()
             return gone

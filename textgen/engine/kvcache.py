@@ -121,20 +121,15 @@ class BatchCache(Cache):
             cache.layers.append(slot)
         return cache
 
-    def copy_row(
-        self, row: int, spans: list[tuple[int, int]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of one row's columns in ``spans`` ([start, end), joined), per layer: [1,
-        heads, columns, dim]."""
-        out = []
-        for keys, values in (slot.current() for slot in self.slots):
-            out.append(
-                (
-                    torch.cat([keys[row : row + 1, :, a:b] for a, b in spans], dim=2),
-                    torch.cat([values[row : row + 1, :, a:b] for a, b in spans], dim=2),
-                )
+    def copy_row(self, row: int, columns: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of one row's ``columns`` (indices, in order), per layer: [1, heads, n, dim]."""
+        return [
+            (
+                keys[row : row + 1].index_select(2, columns),
+                values[row : row + 1].index_select(2, columns),
             )
-        return out
+            for keys, values in (slot.current() for slot in self.slots)
+        ]
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows (finished or cancelled sequences leave)."""
