@@ -69,6 +69,9 @@ def test_a_prompt_reusing_a_prefix_generates_as_from_scratch(model_dirs, tmp_pat
     assert expected >= 2 * MIN_REUSE
     assert engine_counters(reusing)["prompt_tokens_cached"] == expected
     assert engine_counters(scratch)["prompt_tokens_cached"] == 0
+    body = {"prompt": BASE, "max_new_tokens": 2}
+    usage = reusing.test_client().post("/generate", json=body).get_json()["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": usage["prompt_tokens"] - 1}
 
 
 def test_a_continuing_prompt_joins_rows_already_decoding(model_dirs, tmp_path) -> None:
@@ -165,12 +168,14 @@ def test_a_finished_output_is_kept_for_the_next_turn(model_dirs, tmp_path) -> No
         )
     follow_up = out[0].tolist() + loaded.tokenizer(" and then")["input_ids"]
 
-    def complete(app: Flask) -> str:
+    def complete(app: Flask) -> dict[str, Any]:
         body = {"model": "tiny-llama", "prompt": follow_up, "max_tokens": 8, "temperature": 0}
-        return str(
-            app.test_client().post("/v1/completions", json=body).get_json()["choices"][0]["text"]
-        )
+        return app.test_client().post("/v1/completions", json=body).get_json()  # type: ignore[no-any-return]
 
     before = engine_counters(reusing)["prompt_tokens_cached"]
-    assert complete(reusing) == complete(scratch)
+    continued, whole = complete(reusing), complete(scratch)
+    assert continued["choices"][0]["text"] == whole["choices"][0]["text"]
     assert engine_counters(reusing)["prompt_tokens_cached"] - before == len(first) + 11
+    # Reported as OpenAI does.
+    assert continued["usage"]["prompt_tokens_details"] == {"cached_tokens": len(first) + 11}
+    assert whole["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}

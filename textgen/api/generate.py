@@ -74,12 +74,13 @@ def response_body(submission: Submission) -> dict[str, Any]:
     results = [result_body(handle, submission) for handle in submission.handles]
     prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in results)
     completion_tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in results)
     return {
         "id": f"gen-{uuid.uuid4().hex}",
         "object": "generation",
         "created": int(time.time()),
         "results": results,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached),
     }
 
 
@@ -103,7 +104,11 @@ def result_body(handle: RequestHandle, submission: Submission) -> dict[str, Any]
             for f in outputs
         ],
         "parameters": handle.job.params.applied(),
-        "usage": usage(sum(len(ids) for ids in handle.job.encoded), completion),
+        "usage": usage(
+            sum(len(ids) for ids in handle.job.encoded),
+            completion,
+            sum(handle.cached_tokens.values()),
+        ),
         "timings": timings(handle, completion),
     }
 
@@ -123,10 +128,12 @@ def timings(handle: RequestHandle, completion_tokens: int) -> dict[str, float | 
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """Token counts in the OpenAI shape."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """Token counts in the OpenAI shape; ``cached_tokens``: prompt tokens continued from the
+    prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }

@@ -115,6 +115,8 @@ class RunningBatch:
             logits_to_keep=1,
         )
         self.metrics.count("prompt_tokens_cached", sum(reused))
+        for sequence, n in zip(sequences, reused, strict=True):
+            sequence.handle.cached_tokens[sequence.prompt_index] = n
         if self.prefixes is not None:
             for row, (sequence, n, r) in enumerate(rows):
                 kept, computed = (

@@ -70,6 +70,8 @@ class RequestHandle:
         self.outputs = len(job.encoded) * job.params.num_return_sequences
         self.done = 0
         self.generated = 0
+        # prompt index -> how many of its tokens were continued from the prefix cache.
+        self.cached_tokens: dict[int, int] = {}
         # prompt index -> logprob of each prompt token (None for the first), when asked.
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self.on_complete: Callable[[RequestHandle], None] | None = None

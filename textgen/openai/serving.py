@@ -11,6 +11,7 @@ from typing import Any
 from flask import Response, jsonify, request
 
 from textgen.api import current_registry
+from textgen.api.generate import usage as token_usage
 from textgen.api.schemas import load_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.sequence import Delta, Finished, RequestHandle, TokenLogprob
@@ -105,15 +106,13 @@ def outputs(submission: Submission) -> list[Finished]:
     return sorted(submission.finished.values(), key=lambda f: (f.prompt_index, f.index))
 
 
-def usage(submission: Submission) -> dict[str, int]:
+def usage(submission: Submission) -> dict[str, Any]:
     handle = submission.handles[0]
-    prompt = sum(len(ids) for ids in handle.job.encoded)
-    completion = sum(f.completion_tokens for f in submission.finished.values())
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
+    return token_usage(
+        sum(len(ids) for ids in handle.job.encoded),
+        sum(f.completion_tokens for f in submission.finished.values()),
+        sum(handle.cached_tokens.values()),
+    )
 
 
 def token_text(registry: ModelRegistry, model: str) -> Callable[[int], str]:
