@@ -54,22 +54,32 @@ def engine_counters(app: Flask) -> dict[str, Any]:
     return info["engines"]["tiny-llama"]  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_a_prompt_reusing_a_prefix_generates_as_from_scratch(model_dirs, tmp_path, dtype) -> None:
-    models = [{"name": "tiny-llama", "source": str(model_dirs["tiny-llama"]), "dtype": dtype}]
+@pytest.mark.parametrize(
+    ("model", "dtype", "base", "more"),
+    [
+        ("tiny-llama", "float32", BASE, " of the village went fishing every morning"),
+        ("tiny-llama", "float16", BASE, " of the village went fishing every morning"),
+        # GPT-2 (transformers' forward for every step; a 64-token context here)
+        ("tiny-gpt2", "float32", "Once upon a time there was a small village", " by the sea"),
+    ],
+)
+def test_a_prompt_reusing_a_prefix_generates_as_from_scratch(
+    model_dirs, tmp_path, model, dtype, base, more
+) -> None:
+    models = [{"name": "tiny-llama", "source": str(model_dirs[model]), "dtype": dtype}]
     reusing = create_app(tiny_config(model_dirs, tmp_path, MODELS=models))
     scratch = create_app(tiny_config(model_dirs, tmp_path, MODELS=models, PREFIX_CACHE_TOKENS=0))
     tokenizer = reusing.extensions["textgen.registry"].engine(None).runner.loaded.tokenizer
-    longer = BASE + " of the village went fishing every morning"
-    prompts = [BASE, longer, BASE]  # the second starts like the first; the third is the first
+    longer = base + more
+    prompts = [base, longer, base]  # the second starts like the first; the third is the first
     for prompt in prompts:
         assert greedy(reusing, prompt) == greedy(scratch, prompt), prompt
-    first, second = (tokenizer(text)["input_ids"] for text in (BASE, longer))
+    first, second = (tokenizer(text)["input_ids"] for text in (base, longer))
     expected = common_length(tuple(first), second) + len(first) - 1
     assert expected >= 2 * MIN_REUSE
     assert engine_counters(reusing)["prompt_tokens_cached"] == expected
     assert engine_counters(scratch)["prompt_tokens_cached"] == 0
-    body = {"prompt": BASE, "max_new_tokens": 2}
+    body = {"prompt": base, "max_new_tokens": 2}
     usage = reusing.test_client().post("/generate", json=body).get_json()["usage"]
     assert usage["prompt_tokens_details"] == {"cached_tokens": usage["prompt_tokens"] - 1}
 
