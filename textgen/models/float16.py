@@ -55,7 +55,7 @@ class Float16Fused:
     for q/k/v: 44 against 92 us at one row here; each output equals its own layer's bit for
     bit, since every output column is its own dot product).
 
-    The written-out decode step calls it directly (``split``). transformers' forward calls the
+    The written-out decode step calls it directly (``matmul``). transformers' forward calls the
     layers one by one with the same input tensor: each part is a ``Float16Part``, and the first
     part called computes all of them for that input, the others take their columns.
     """
