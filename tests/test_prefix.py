@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,8 +19,8 @@ from textgen.engine.prefix import MIN_REUSE, PrefixCache, common_length
 BASE = "Once upon a time there was a small village near the sea, and the people"
 
 
-def layers(tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(torch.zeros(1, 2, tokens, 4), torch.zeros(1, 2, tokens, 4))]
+def layers(tokens: int) -> Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]:
+    return lambda: [(torch.zeros(1, 2, tokens, 4), torch.zeros(1, 2, tokens, 4))]
 
 
 def test_prefix_cache_matches_the_longest_start_within_its_budget() -> None:
@@ -40,6 +41,11 @@ def test_prefix_cache_matches_the_longest_start_within_its_budget() -> None:
     cache.store(list(range(100, 130)), layers(30))  # longer than the whole budget
     assert len(cache) == 2
     assert common_length((1, 2, 3), [1, 2]) == 2
+
+    def no_copy() -> Any:
+        raise AssertionError("kept already: no copy should be made")
+
+    cache.store([9] * MIN_REUSE, no_copy)
 
 
 def greedy(app: Flask, prompt: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -119,12 +120,11 @@ class RunningBatch:
             sequence.handle.cached_tokens[sequence.prompt_index] = n
         if self.prefixes is not None:
             for row, (sequence, n, r) in enumerate(rows):
-                kept, computed = (
-                    torch.arange(past - n, past),
-                    torch.arange(past + new - r, past + new),
+                # The kept columns, then the computed ones (the gap between is padding).
+                columns = torch.cat(
+                    [torch.arange(past - n, past), torch.arange(past + new - r, past + new)]
                 )
-                columns = torch.cat([kept, computed])
-                self.prefixes.store(sequence.prompt, cache.copy_row(row, columns))
+                self.prefixes.store(sequence.prompt, partial(cache.copy_row, row, columns))
         self.join(sequences, cache, mask, out.logits[:, -1, :])
 
     def add_fresh(self, sequences: list[Sequence]) -> None:
@@ -152,7 +152,7 @@ class RunningBatch:
         if self.prefixes is not None:
             for row, sequence in enumerate(sequences):
                 columns = torch.arange(width - len(sequence.prompt), width)
-                self.prefixes.store(sequence.prompt, cache.copy_row(row, columns))
+                self.prefixes.store(sequence.prompt, partial(cache.copy_row, row, columns))
         self.join(sequences, cache, mask, out.logits[:, -1, :])
 
     def join(
@@ -215,7 +215,7 @@ class RunningBatch:
         columns = self.mask[row].nonzero().flatten()
         tokens = sequence.prompt + sequence.generated[:-1]
         if len(columns) == len(tokens):
-            self.prefixes.store(tokens, self.cache.copy_row(row, columns))
+            self.prefixes.store(tokens, partial(self.cache.copy_row, row, columns))
 
     def evict(self) -> list[Sequence]:
         """Remove finished and cancelled rows (returned); drop cache columns no row needs."""

@@ -4,6 +4,7 @@ same way (a chat template, a system prompt, a shared instruction) computes only 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -49,15 +50,16 @@ class PrefixCache:
         self._entries.move_to_end(best)
         return length, self._entries[best]
 
-    def store(self, prompt: list[int], layers: LayerKV) -> None:
-        """Keep ``prompt``'s keys and values (copies of exactly its columns)."""
+    def store(self, prompt: list[int], copy: Callable[[], LayerKV]) -> None:
+        """Keep ``prompt``'s keys and values: ``copy`` makes copies of exactly its columns,
+        called only when the prompt is worth keeping and not kept yet."""
         key = tuple(prompt)
         if len(key) < MIN_REUSE or len(key) > self.max_tokens:
             return
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        self._entries[key] = layers
+        self._entries[key] = copy()
         self.tokens += len(key)
         while self.tokens > self.max_tokens:
             dropped, _ = self._entries.popitem(last=False)
