@@ -28,6 +28,7 @@ def test_prefix_cache_matches_the_longest_start_within_its_budget() -> None:
     cache.store(list(range(10)), layers(10))
     cache.store([0, 1, 2, 3, 4, 5, 70, 71], layers(8))
     assert cache.tokens == 18
+    assert cache.bytes == 2 * 18 * 2 * 4 * 4  # keys and values, 2 heads x 4 dims of float32
     hit = cache.match([0, 1, 2, 3, 4, 5, 6, 7, 99])
     assert hit is not None and hit[0] == 8  # the first entry shares 8 tokens, the second 6
     assert cache.match(list(range(10))) is not None
@@ -35,6 +36,7 @@ def test_prefix_cache_matches_the_longest_start_within_its_budget() -> None:
     assert cache.match([0, 1, 2, 50, 51]) is None  # 3 shared tokens < MIN_REUSE
     cache.store([9] * MIN_REUSE, layers(MIN_REUSE))  # over budget: the least recently used goes
     assert cache.tokens == 10 + MIN_REUSE and len(cache) == 2
+    assert cache.bytes == 2 * (10 + MIN_REUSE) * 2 * 4 * 4
     hit = cache.match([0, 1, 2, 3, 4, 5, 70, 71, 72])
     assert hit is not None and hit[0] == 6  # its own entry is gone; range(10) shares 6
     cache.store([1, 2], layers(2))  # too short to be worth keeping
@@ -85,6 +87,19 @@ def test_a_prompt_reusing_a_prefix_generates_as_from_scratch(
     assert expected >= 2 * MIN_REUSE
     assert engine_counters(reusing)["prompt_tokens_cached"] == expected
     assert engine_counters(scratch)["prompt_tokens_cached"] == 0
+    # What the cache holds now: each kept prompt and output, every layer's keys and values.
+    counters = engine_counters(reusing)
+    loaded = reusing.extensions["textgen.registry"].engine(None).runner.loaded
+    config = loaded.model.config
+    per_token = (
+        config.num_hidden_layers
+        * 2
+        * 4
+        * getattr(config, "num_key_value_heads", config.num_attention_heads)
+        * (config.hidden_size // config.num_attention_heads)
+    )
+    assert counters["prefix_cache_tokens"] > len(second)
+    assert counters["prefix_cache_bytes"] == counters["prefix_cache_tokens"] * per_token
     body = {"prompt": base, "max_new_tokens": 2}
     usage = reusing.test_client().post("/generate", json=body).get_json()["usage"]
     assert usage["prompt_tokens_details"] == {"cached_tokens": usage["prompt_tokens"] - 1}

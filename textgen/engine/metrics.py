@@ -31,7 +31,13 @@ class EngineMetrics:
             "generated_tokens": 0,
             "steps": 0,
         }
-        self.gauges = {"queued": 0, "running": 0, "pending_tokens": 0}
+        self.gauges = {
+            "queued": 0,
+            "running": 0,
+            "pending_tokens": 0,
+            "prefix_cache_tokens": 0,
+            "prefix_cache_bytes": 0,
+        }
         self.samples: dict[str, deque[float]] = {
             name: deque(maxlen=SAMPLES)
             for name in ("queue_s", "time_to_first_token_s", "inter_token_s", "batch_size")

@@ -31,6 +31,7 @@ class PrefixCache:
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self.tokens = 0
+        self.bytes = 0
         self._entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
 
     def __len__(self) -> int:
@@ -59,8 +60,14 @@ class PrefixCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        self._entries[key] = copy()
+        self._entries[key] = layers = copy()
         self.tokens += len(key)
+        self.bytes += size(layers)
         while self.tokens > self.max_tokens:
-            dropped, _ = self._entries.popitem(last=False)
+            dropped, gone = self._entries.popitem(last=False)
             self.tokens -= len(dropped)
+            self.bytes -= size(gone)
+
+
+def size(layers: LayerKV) -> int:
+    return sum(keys.nbytes + values.nbytes for keys, values in layers)

@@ -111,10 +111,13 @@ class Engine:
         return max(1, min(600, math.ceil(pending / rate)))
 
     def _publish_gauges(self) -> None:
+        prefixes = self._batch.prefixes
         self.metrics.set(
             queued=len(self._waiting),
             running=len(self._batch.sequences),
             pending_tokens=self._pending_tokens(),
+            prefix_cache_tokens=prefixes.tokens if prefixes is not None else 0,
+            prefix_cache_bytes=prefixes.bytes if prefixes is not None else 0,
         )
 
     # --- engine thread ---------------------------------------------------------------
