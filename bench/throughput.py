@@ -4,6 +4,8 @@ Workload (as in shared/ANCHORS.md): greedy decoding of 128 new tokens per reques
 ignored, short prompts, C concurrent streaming clients, C in 1, 4, 16. Reports output tokens/s,
 requests/s, time to first token p50/p95 and inter-token latency p50/p95 per server and C, and
 an in-process `model.generate()` run (the design before the engine) as the C=1 "before" anchor.
+At C=1 each server also gets its bandwidth ceiling: the weight bytes one token reads (textgen's
+/models, llama.cpp's GGUF size) divided into the memory read speed measured in the same run.
 
 Usage: python bench/throughput.py [--levels 1,4,16] [--requests-per-client 2] [--no-llama]
        [--dtypes float32,bfloat16,int8]
@@ -169,11 +171,38 @@ print(json.dumps({{"output_tokens_per_s": round(rate, 1)}}))
     }
 
 
-def start_llama(port: int) -> subprocess.Popen[bytes]:
+def memory_read_bandwidth() -> float:
+    """Bytes/s this machine streams from memory: the best of 5 sums over 1 GiB of float32, on
+    every core (a decode step at one row must read every weight once, so weight bytes per token
+    divided into this is a ceiling on tokens/s)."""
+    code = """
+import time, torch
+x = torch.ones(2**28)
+best = min((lambda t: (x.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
+print(x.nbytes / best)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def with_weight_bytes(results: list[dict[str, Any]], weight_bytes: int) -> list[dict[str, Any]]:
+    return [{**r, "weights_read_per_token_mb": round(weight_bytes / 1e6, 1)} for r in results]
+
+
+def served_weight_bytes(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=30) as response:
+        return int(json.load(response)["models"][0]["decode_weight_bytes"])
+
+
+def embedded_gguf_path() -> Path:
     from textgen.models.sources import embedded_gguf
     from textgen.models.specs import make_spec
 
-    gguf = embedded_gguf(make_spec("smollm2-135m-instruct"))
+    return embedded_gguf(make_spec("smollm2-135m-instruct"))
+
+
+def start_llama(port: int) -> subprocess.Popen[bytes]:
+    gguf = embedded_gguf_path()
     return subprocess.Popen(
         ["bash", str(ANCHOR), str(gguf), str(port), "-np", "16", "-c", "16384"],
         stdout=subprocess.DEVNULL,
@@ -203,7 +232,8 @@ def main() -> None:
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", server)
             url = f"http://127.0.0.1:{port}/generate"
-            results += measure(name, url, textgen_body, levels, args.requests_per_client)
+            measured = measure(name, url, textgen_body, levels, args.requests_per_client)
+            results += with_weight_bytes(measured, served_weight_bytes(port))
         finally:
             stop(server)
 
@@ -213,14 +243,23 @@ def main() -> None:
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", anchor)
             url = f"http://127.0.0.1:{port}/v1/completions"
-            results += measure(
+            measured = measure(
                 "llama.cpp llama-server", url, llama_body, levels, args.requests_per_client
             )
+            # Its GGUF holds every weight once (the output layer is the tied embedding).
+            results += with_weight_bytes(measured, embedded_gguf_path().stat().st_size)
         finally:
             stop(anchor)
 
+    bandwidth = memory_read_bandwidth()
+    for result in results:
+        if result.get("clients") == 1 and "weights_read_per_token_mb" in result:
+            limit = bandwidth / (result["weights_read_per_token_mb"] * 1e6)
+            result["bandwidth_limit_tok_s"] = round(limit, 1)
+            print(json.dumps(result), flush=True)
     report = {
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "memory_read_gb_s": round(bandwidth / 1e9, 2),
         "python": platform.python_version(),
         "workload": f"greedy, {NEW_TOKENS} new tokens, EOS ignored, streaming, closed loop",
         "results": results,

@@ -208,3 +208,19 @@ def test_float16_fused_projections_equal_their_own_layers() -> None:
         other = torch.randn(rows, 1, 64)
         assert torch.equal(parts[0](x), expected[0])
         assert torch.equal(parts[1](other), alone[1](other))  # not the kept result for x
+
+
+def test_models_report_the_weight_bytes_a_step_reads(model_dirs, tmp_path) -> None:
+    """/models gives each model's decode weight bytes in its stored format (the bandwidth
+    ceiling bench/throughput.py reports is computed from it)."""
+    sizes = {}
+    for dtype in ("float32", "bfloat16", "float16", "int8", "int4"):
+        models = app_with(model_dirs, tmp_path, dtype).test_client().get("/models").get_json()
+        sizes[dtype] = models["models"][0]["decode_weight_bytes"]
+    spec = make_spec(str(model_dirs["tiny-llama"]))
+    model = load_model(spec, ModelCache(tmp_path)).model
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert sizes["float32"] == 4 * linear  # the tiny model's projections have no biases
+    assert sizes["bfloat16"] == sizes["float16"] == 2 * linear
+    assert linear < sizes["int8"] < 1.1 * linear  # a byte each, plus a bf16 scale per row
+    assert sizes["int4"] < sizes["int8"]

@@ -44,7 +44,7 @@ class Float16Linear(torch.nn.Module):
         super().__init__()
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.packed = pack(linear.weight, bias)
-        self.out_features = linear.out_features
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.packed, self.out_features)
@@ -74,7 +74,7 @@ class Float16Fused:
                 ]
             )
         self.packed = pack(weight, bias)
-        self.out_features = sum(self.sizes)
+        self.in_features, self.out_features = linears[0].in_features, sum(self.sizes)
         self._input: torch.Tensor | None = None
         self._output: list[torch.Tensor] = []
         self._left = 0

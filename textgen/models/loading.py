@@ -11,7 +11,7 @@ from typing import Any
 
 from textgen.models.cache import ModelCache
 from textgen.models.memory import release_freed_memory
-from textgen.models.quantize import apply_dtype
+from textgen.models.quantize import apply_dtype, decode_weight_bytes
 from textgen.models.sources import ModelUnavailable, PreparedModel, prepare
 from textgen.models.specs import ModelSpec
 
@@ -31,6 +31,7 @@ class LoadedModel:
     pad_token_id: int
     load_seconds: float
     parameters: int
+    decode_weight_bytes: int  # weights one decode step reads, in their stored format
 
     def info(self) -> dict[str, Any]:
         """Public description of the model."""
@@ -42,6 +43,7 @@ class LoadedModel:
             "architecture": type(self.model).__name__,
             "parameters": self.parameters,
             "dtype": self.spec.dtype,
+            "decode_weight_bytes": self.decode_weight_bytes,
             "context_length": self.context_length,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "vocab_size": len(self.tokenizer),
@@ -91,6 +93,7 @@ def load_model(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -
         pad_id,
         seconds,
         parameters,
+        decode_weight_bytes(model),
     )
 
 

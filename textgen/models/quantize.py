@@ -108,6 +108,23 @@ class Int4Linear(WeightOnlyLinear):
         )
 
 
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every linear layer, the output layer included,
+    in its stored format (an embedding lookup reads one row, so embeddings are left out)."""
+    total, fused = 0, set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += sum(p.nbytes for p in module.parameters())
+        elif isinstance(module, float16.Float16Linear):
+            total += module.in_features * module.out_features * 2
+        elif isinstance(module, float16.Float16Part) and id(module.fused) not in fused:
+            fused.add(id(module.fused))
+            total += module.fused.in_features * module.fused.out_features * 2
+        elif isinstance(module, WeightOnlyLinear):
+            total += sum(b.nbytes for b in module.buffers())
+    return total
+
+
 def linear_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     """(parent, attribute) of every nn.Linear, the tied lm_head included."""
     return [
