@@ -13,6 +13,7 @@ import torch
 from flask import Flask
 
 from tests.conftest import tiny_config
+from tests.test_engine import concurrently, post, text
 from textgen import create_app
 from textgen.engine.prefix import MIN_REUSE, PrefixCache, common_length
 
@@ -50,11 +51,12 @@ def test_prefix_cache_matches_the_longest_start_within_its_budget() -> None:
     cache.store([9] * MIN_REUSE, no_copy)
 
 
+def greedy_body(prompt: str) -> dict[str, Any]:
+    return {"prompt": prompt, "max_new_tokens": 12, "ignore_eos": True, "strategy": "greedy"}
+
+
 def greedy(app: Flask, prompt: str) -> str:
-    body = {"prompt": prompt, "max_new_tokens": 12, "ignore_eos": True, "strategy": "greedy"}
-    response = app.test_client().post("/generate", json=body)
-    assert response.status_code == 200, response.get_json()
-    return str(response.get_json()["results"][0]["outputs"][0]["text"])
+    return text(post(app, greedy_body(prompt)))
 
 
 def engine_counters(app: Flask) -> dict[str, Any]:
@@ -167,18 +169,7 @@ def test_prompts_continuing_different_prefixes_together(model_dirs, tmp_path) ->
     busy.start()  # a running batch, so the prompts below queue and are admitted together
     while engine_counters(reusing)["running"] < 1:
         time.sleep(0.005)
-    results: list[str] = [""] * len(prompts)
-    barrier = threading.Barrier(len(prompts))
-
-    def run(index: int) -> None:
-        barrier.wait()
-        results[index] = greedy(reusing, prompts[index])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    results = [text(r) for r in concurrently(reusing, [greedy_body(p) for p in prompts])]
     busy.join(120)
     assert results == [greedy(scratch, prompt) for prompt in prompts]
     assert engine_counters(reusing)["prompt_tokens_cached"] > 0
