@@ -89,17 +89,17 @@ class RunningBatch:
                 continuing.append(sequence)
                 hits.append(hit)
         if fresh:
-            self.add_fresh(fresh)
+            self.prefill(fresh, [0] * len(fresh), [])
         if continuing:
-            self.add_continuing(continuing, hits)
+            self.prefill(continuing, [n for n, _ in hits], [kv for _, kv in hits])
 
-    def add_continuing(self, sequences: list[Sequence], hits: list[tuple[int, LayerKV]]) -> None:
-        """Run each prompt's tokens after the ones the prefix cache holds, all in one call: the
-        kept keys and values right-aligned in ``past`` columns, the rest left-padded after."""
-        reused = [length for length, _ in hits]
+    def prefill(self, sequences: list[Sequence], reused: list[int], kept: list[LayerKV]) -> None:
+        """Run each prompt's tokens after its ``reused`` first ones, whose keys and values
+        ``kept`` holds, all in one call: the kept columns right-aligned in ``past`` columns, the
+        rest left-padded after them (with nothing kept: whole prompts, left-padded)."""
         rest = [len(s.prompt) - n for s, n in zip(sequences, reused, strict=True)]
         past, new = max(reused), max(rest)
-        cache = BatchCache.right_aligned([kv for _, kv in hits], reused, past, room=new)
+        cache = BatchCache.right_aligned(kept, reused, past, room=new) if past else BatchCache()
         rows = list(zip(sequences, reused, rest, strict=True))
         pad = self.pad_token_id
         ids = torch.tensor([[pad] * (new - r) + s.prompt[n:] for s, n, r in rows])
@@ -107,37 +107,8 @@ class RunningBatch:
             [[0] * (past - n) + [1] * n + [0] * (new - r) + [1] * r for _, n, r in rows]
         )
         positions = torch.tensor([[0] * (new - r) + list(range(n, n + r)) for _, n, r in rows])
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.metrics.count("prompt_tokens_cached", sum(reused))
-        for sequence, n in zip(sequences, reused, strict=True):
-            sequence.handle.cached_tokens[sequence.prompt_index] = n
-        if self.prefixes is not None:
-            for row, (sequence, n, r) in enumerate(rows):
-                # The kept columns, then the computed ones (the gap between is padding).
-                columns = torch.cat(
-                    [torch.arange(past - n, past), torch.arange(past + new - r, past + new)]
-                )
-                self.prefixes.store(sequence.prompt, partial(cache.copy_row, row, columns))
-        self.join(sequences, cache, mask, out.logits[:, -1, :])
-
-    def add_fresh(self, sequences: list[Sequence]) -> None:
-        """Run whole prompts together, left-padded."""
-        width = max(len(s.prompt) for s in sequences)
-        pad = self.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in sequences])
-        mask = torch.tensor(
-            [[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in sequences]
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = BatchCache()
-        # Logits for every prompt position only when a request wants its prompt's logprobs.
+        # Logits for every prompt position only when a request wants its prompt's logprobs
+        # (such prompts are never continued, so then past is 0 and the logits cover them).
         echo = any(s.handle.job.params.prompt_logprobs for s in sequences)
         out = self.model(
             input_ids=ids,
@@ -148,10 +119,17 @@ class RunningBatch:
             logits_to_keep=0 if echo else 1,
         )
         if echo:
-            record_prompt_logprobs(sequences, out.logits, width)
+            record_prompt_logprobs(sequences, out.logits, new)
+        if past:
+            self.metrics.count("prompt_tokens_cached", sum(reused))
+            for sequence, n in zip(sequences, reused, strict=True):
+                sequence.handle.cached_tokens[sequence.prompt_index] = n
         if self.prefixes is not None:
-            for row, sequence in enumerate(sequences):
-                columns = torch.arange(width - len(sequence.prompt), width)
+            for row, (sequence, n, r) in enumerate(rows):
+                # The kept columns, then the computed ones (the gap between is padding).
+                columns = torch.cat(
+                    [torch.arange(past - n, past), torch.arange(past + new - r, past + new)]
+                )
                 self.prefixes.store(sequence.prompt, partial(cache.copy_row, row, columns))
         self.join(sequences, cache, mask, out.logits[:, -1, :])
 
