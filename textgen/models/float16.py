@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from textgen.models.layers import linear_layers
+
 # Sibling projections that transformers' causal LMs apply to one and the same input.
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),
@@ -144,10 +146,9 @@ def convert(model: torch.nn.Module) -> None:
                 groups.append((parent, names, linears))  # type: ignore[arg-type]
     grouped = {id(linear) for _, _, linears in groups for linear in linears}
     singles = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, torch.nn.Linear) and id(child) not in grouped
+        (parent, name, getattr(parent, name))
+        for parent, name in linear_layers(model)
+        if id(getattr(parent, name)) not in grouped
     ]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         fused = list(pool.map(Float16Fused, [linears for _, _, linears in groups]))

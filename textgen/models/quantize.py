@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from textgen.models import float16
 from textgen.models.cache import ModelCache
+from textgen.models.layers import linear_layers
 from textgen.models.sources import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -123,16 +124,6 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
         elif isinstance(module, WeightOnlyLinear):
             total += sum(b.nbytes for b in module.buffers())
     return total
-
-
-def linear_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """(parent, attribute) of every nn.Linear, the tied lm_head included."""
-    return [
-        (parent, name)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, torch.nn.Linear)
-    ]
 
 
 def layer_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
