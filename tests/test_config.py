@@ -38,6 +38,7 @@ def test_unknown_variable_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"MODELS": "gpt2,gpt2"}, "duplicate"),
         ({"DEFAULT_MAX_NEW_TOKENS": 100, "MAX_NEW_TOKENS": 10}, "TEXTGEN_DEFAULT_MAX_NEW_TOKENS"),
         ({"TORCH_THREADS": "many"}, "TEXTGEN_TORCH_THREADS"),
+        ({"PREFIX_CACHE_TOKENS": -1}, "TEXTGEN_PREFIX_CACHE_TOKENS"),
     ],
 )
 def test_bad_settings_name_the_variable(values: dict, fragment: str) -> None:
