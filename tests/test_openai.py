@@ -308,14 +308,17 @@ def test_full_queue_is_a_rate_limit_error() -> None:
     )
     for base_url in serve(app):
         root = base_url.removesuffix("/v1")
-        # A long streaming request holds the only slot while we ask again.
+        # A long streaming request holds the only slot while we ask again. The line iterator
+        # stays referenced: when urllib3's reading generator is closed (a discarded iterator is
+        # collected at once) it closes the connection, and the server then cancels the request.
         with requests.post(
             f"{root}/generate",
             json={"prompt": "Once", "max_new_tokens": 200, "stream": True},
             stream=True,
             timeout=60,
         ) as held:
-            next(held.iter_lines())
+            lines = held.iter_lines()
+            next(lines)
             client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
             with pytest.raises(openai.RateLimitError) as limited:
                 client.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2)
