@@ -90,7 +90,7 @@ def on_starting(server):
         server.log.error("textgen: %s", exc)
         sys.exit(1)
     cache = ModelCache(settings.model_cache)
-    if all(is_prepared(spec, cache) for spec in settings.models):
+    if all(is_prepared(spec, cache, settings.compile) for spec in settings.models):
         return
     # Conversion imports torch, which must not happen in this process (see the top).
     result = subprocess.run([sys.executable, "-m", "textgen", "pull"], check=False)

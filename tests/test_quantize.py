@@ -182,7 +182,7 @@ def test_dtype_in_model_specs() -> None:
     from textgen.models.specs import SpecError, parse_model_specs
 
     specs = parse_model_specs("smollm2-135m-instruct,gpt2#int8,x=/m@#bfloat16")
-    assert [s.dtype for s in specs] == ["float16", "int8", "bfloat16"]  # on x86-64
+    assert [s.dtype for s in specs] == ["int8", "int8", "bfloat16"]  # x86-64 with a compiler
     assert parse_model_specs("smollm2-135m-instruct#float32")[0].dtype == "float32"
     assert parse_model_specs("gpt2")[0].dtype == "float32"
     assert parse_model_specs("gpt2#int4")[0].dtype == "int4"

@@ -21,7 +21,8 @@ def main() -> None:
 @main.command()
 @click.argument("sources", nargs=-1)
 def pull(sources: tuple[str, ...]) -> None:
-    """Download, convert and quantize models into the cache (default: TEXTGEN_MODELS)."""
+    """Download, convert, quantize and compile models into the cache (default:
+    TEXTGEN_MODELS)."""
     try:
         settings = settings_from_env()
         specs = parse_model_specs(list(sources)) if sources else list(settings.models)
@@ -31,11 +32,12 @@ def pull(sources: tuple[str, ...]) -> None:
     for spec in specs:
         try:
             prepared = prepare(spec, cache, settings.hub_probe_timeout)
-            if not is_prepared(spec, cache):
-                # Loading once writes the quantized weights into the cache (imports torch).
+            if not is_prepared(spec, cache, settings.compile):
+                # Loading once writes the quantized weights and the compiled decoder into the
+                # cache (imports torch).
                 from textgen.models.loading import load_model
 
-                load_model(spec, cache, settings.hub_probe_timeout)
+                load_model(spec, cache, settings.hub_probe_timeout, settings.compile)
         except ModelUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"{spec.name}: ready in {prepared.path} ({spec.dtype})")

@@ -29,6 +29,7 @@ class Settings:
     bind: str
     load_mode: str
     warmup: bool
+    compile: bool
     torch_threads: int
     max_prompts: int
     max_prompt_tokens: int
@@ -87,6 +88,8 @@ class SettingsSchema(Schema):
     )
     LOAD_MODE = f.String(load_default="background", validate=validate.OneOf(["background", "sync"]))
     WARMUP = f.Boolean(load_default=True)
+    # Compile the decoder of int8 Llama-shaped models (once, into the cache): 3x faster steps.
+    COMPILE = f.Boolean(load_default=True)
     TORCH_THREADS = f.Integer(load_default=available_cores, validate=validate.Range(min=1, max=256))
     MAX_PROMPTS = f.Integer(load_default=8, validate=validate.Range(min=1, max=256))
     MAX_PROMPT_TOKENS = f.Integer(load_default=4096, validate=validate.Range(min=1))

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from textgen.engine.decode import decode_step_for
+from textgen.engine.compiled import CompiledForward
+from textgen.engine.decode import DecodeStep, decode_step_for
 from textgen.engine.detokenize import IncrementalDetokenizer
 from textgen.engine.kvcache import BatchCache, merge_masks
 from textgen.engine.logprobs import record_prompt_logprobs, token_logprob
@@ -58,10 +59,13 @@ class RunningBatch:
         pad_token_id: int,
         metrics: EngineMetrics,
         prefixes: PrefixCache | None = None,
+        program: Any = None,
     ) -> None:
         self.model = model
         self.prefixes = prefixes
-        self.decode = decode_step_for(model)
+        # The compiled decoder, when the model has one, runs both prefills and decode steps.
+        self.compiled = CompiledForward(model, program) if program is not None else None
+        self.decode: DecodeStep | CompiledForward = self.compiled or decode_step_for(model)
         self.pad_token_id = pad_token_id
         self.metrics = metrics
         self.sequences: list[Sequence] = []
@@ -110,16 +114,20 @@ class RunningBatch:
         # Logits for every prompt position only when a request wants its prompt's logprobs
         # (such prompts are never continued, so then past is 0 and the logits cover them).
         echo = any(s.handle.job.params.prompt_logprobs for s in sequences)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=0 if echo else 1,
-        )
-        if echo:
-            record_prompt_logprobs(sequences, out.logits, new)
+        if self.compiled is not None and not echo:
+            logits = self.compiled(ids, positions, mask, cache)
+        else:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=0 if echo else 1,
+            )
+            logits = out.logits[:, -1, :]
+            if echo:
+                record_prompt_logprobs(sequences, out.logits, new)
         if past:
             self.metrics.count("prompt_tokens_cached", sum(reused))
             for sequence, n in zip(sequences, reused, strict=True):
@@ -131,7 +139,7 @@ class RunningBatch:
                     [torch.arange(past - n, past), torch.arange(past + new - r, past + new)]
                 )
                 self.prefixes.store(sequence.prompt, partial(cache.copy_row, row, columns))
-        self.join(sequences, cache, mask, out.logits[:, -1, :])
+        self.join(sequences, cache, mask, logits)
 
     def join(
         self,

@@ -16,11 +16,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from textgen.engine.kvcache import BatchCache
+from textgen.models.architecture import llama_shaped
 from textgen.models.float16 import fused_group
-
-# Architectures whose decoder layer is exactly: RMSNorm, q/k/v projections with rotary
-# position embeddings, SDPA over the cache, o projection, residual, RMSNorm, SiLU-gated MLP.
-LLAMA_SHAPED = ("llama", "qwen2")
 
 
 def decode_step_for(model: Any) -> DecodeStep:
@@ -54,16 +51,7 @@ class LlamaDecodeStep(DecodeStep):
 
     @staticmethod
     def supports(model: Any) -> bool:
-        config = model.config
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-        return (
-            config.model_type in LLAMA_SHAPED
-            and config._attn_implementation == "sdpa"
-            and config.hidden_act == "silu"
-            and getattr(config, "pretraining_tp", 1) == 1
-            and not getattr(config, "use_sliding_window", False)
-            and (rope is None or rope.get("rope_type", "default") == "default")
-        )
+        return model.config._attn_implementation == "sdpa" and llama_shaped(model.config)
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)

@@ -95,6 +95,20 @@ class BatchCache(Cache):
     def length(self) -> int:
         return self.slots[0].get_seq_length() if self.layers else 0
 
+    def make_room(self, layers: int, rows: int, heads: int, dim: int, columns: int) -> None:
+        """Contiguous buffers of at least ``columns`` columns in each of ``layers`` layers
+        (float32), for compiled code that writes them directly rather than through ``update``
+        (it is built for contiguous inputs; dropping leading columns leaves strided views)."""
+        like = torch.empty(rows, heads, 0, dim)
+        while len(self.layers) < layers:
+            slot = SlotLayer()
+            slot.lazy_initialization(like, like)
+            self.layers.append(slot)
+        for slot in self.slots:
+            buffer = slot.key_buffer
+            if buffer is None or buffer.shape[-2] < columns or not buffer.is_contiguous():
+                slot.reserve(columns + HEADROOM, like, like)
+
     @classmethod
     def right_aligned(
         cls,

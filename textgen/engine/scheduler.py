@@ -51,8 +51,9 @@ class Engine:
         self._active: set[RequestHandle] = set()
         self._wake = threading.Condition()
         prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
+        loaded = runner.loaded
         self._batch = RunningBatch(
-            runner.loaded.model, runner.loaded.pad_token_id, self.metrics, prefixes
+            loaded.model, loaded.pad_token_id, self.metrics, prefixes, loaded.program
         )
         self._stopping = False
         self._thread = threading.Thread(

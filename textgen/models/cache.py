@@ -1,4 +1,5 @@
-"""The model cache directory: Hub downloads, GGUF conversions, quantized weights, and locks."""
+"""The model cache directory: Hub downloads, GGUF conversions, quantized weights, compiled
+decoders, and locks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -16,6 +18,26 @@ from typing import Any
 MARKER = "textgen-source.json"
 # Weight formats prepared into quantized/ (the others are the model directory's own tensors).
 QUANTIZED = ("int8", "int4")
+# The computation of textgen/models/compiled.py's Program: bump when it changes, so packages
+# compiled from an older one are not loaded.
+COMPILED_FORMAT = 1
+
+
+def compiler_available() -> bool:
+    """Compiled decoders are C++ that Inductor builds with the system's compiler."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def cpu_flags() -> str:
+    """The CPU's vector instruction sets, as /proc/cpuinfo names them ("" elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return " ".join(sorted(f for f in line.split() if f.startswith(("avx", "amx", "fma"))))
+    return ""
 
 
 class ModelCache:
@@ -63,6 +85,18 @@ class ModelCache:
         raw = json.dumps([str(model_dir.resolve()), stamp, layout]).encode()
         key = hashlib.sha256(raw).hexdigest()[:16]
         return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.safetensors"
+
+    def compiled_path(self, model_dir: Path) -> Path:
+        """The compiled decoder of a model directory's int8 weights (textgen/models/
+        compiled.py): keyed by those weights' cache file, the torch version, the CPU's vector
+        instruction sets (the code is built for them) and COMPILED_FORMAT."""
+        weights = self.quantized_path(model_dir, "int8")
+        stamp = weights.stat().st_mtime_ns if weights.is_file() else 0
+        raw = json.dumps(
+            [str(weights), stamp, metadata.version("torch"), cpu_flags(), COMPILED_FORMAT]
+        ).encode()
+        key = hashlib.sha256(raw).hexdigest()[:16]
+        return self.root / "compiled" / f"{model_dir.name}-{key}-int8.pt2"
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from textgen.models.cache import ModelCache
+from textgen.models.compiled import load_program
 from textgen.models.memory import release_freed_memory
 from textgen.models.quantize import apply_dtype, decode_weight_bytes
 from textgen.models.sources import ModelUnavailable, PreparedModel, prepare
@@ -32,6 +33,7 @@ class LoadedModel:
     load_seconds: float
     parameters: int
     decode_weight_bytes: int  # weights one decode step reads, in their stored format
+    program: Any = None  # the compiled decoder (textgen/models/compiled.py), when there is one
 
     def info(self) -> dict[str, Any]:
         """Public description of the model."""
@@ -44,14 +46,18 @@ class LoadedModel:
             "parameters": self.parameters,
             "dtype": self.spec.dtype,
             "decode_weight_bytes": self.decode_weight_bytes,
+            "compiled": self.program is not None,
             "context_length": self.context_length,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "vocab_size": len(self.tokenizer),
         }
 
 
-def load_model(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -> LoadedModel:
-    """Prepare (download/convert once) and load one model for inference on the CPU."""
+def load_model(
+    spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0, compiled: bool = False
+) -> LoadedModel:
+    """Prepare (download/convert once) and load one model for inference on the CPU; with
+    ``compiled``, also its compiled decoder where the model has one (compiled once, cached)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,6 +84,7 @@ def load_model(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -
     # Counted before int8 conversion, which gives a tied lm_head its own copy.
     parameters = sum(p.numel() for p in model.parameters())
     apply_dtype(model, spec.dtype, prepared.path, cache)
+    program = load_program(model, prepared.path, cache) if compiled else None
     release_freed_memory()
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = configure_padding(tokenizer, eos_ids)
@@ -94,6 +101,7 @@ def load_model(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -
         seconds,
         parameters,
         decode_weight_bytes(model),
+        program,
     )
 
 

@@ -95,7 +95,9 @@ class ModelRegistry:
         try:
             for number, spec in enumerate(specs, 1):
                 self._set("loading", f"loading model {spec.name!r} ({number}/{len(specs)})")
-                loaded = load_model(spec, self.cache, self.settings.hub_probe_timeout)
+                loaded = load_model(
+                    spec, self.cache, self.settings.hub_probe_timeout, self.settings.compile
+                )
                 engine = Engine(ModelRunner(loaded, self.limits), self.engine_limits)
                 engine.start()
                 if self.settings.warmup:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from textgen.models.cache import MARKER, QUANTIZED, ModelCache
+from textgen.models.architecture import llama_shaped
+from textgen.models.cache import MARKER, QUANTIZED, ModelCache, compiler_available
 from textgen.models.specs import EMBEDDED, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,20 @@ def prepare(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -> P
     return hub_snapshot(spec, cache, probe_timeout)
 
 
-def is_prepared(spec: ModelSpec, cache: ModelCache) -> bool:
+def is_prepared(spec: ModelSpec, cache: ModelCache, compiled: bool = False) -> bool:
     """Whether loading would find everything on disk (no download, no conversion, no
-    quantizing), found without importing torch."""
+    quantizing, and with ``compiled`` no compiling), found without importing torch."""
     try:
         path = prepared_dir(spec, cache)
         if path is None:
             return False
-        return spec.dtype not in QUANTIZED or cache.quantized_path(path, spec.dtype).is_file()
-    except (ModelUnavailable, OSError):
+        if spec.dtype in QUANTIZED and not cache.quantized_path(path, spec.dtype).is_file():
+            return False
+        if compiled and spec.dtype == "int8" and compiler_available():
+            config = json.loads((path / "config.json").read_text())
+            return not llama_shaped(config) or cache.compiled_path(path).is_file()
+        return True
+    except (ModelUnavailable, OSError, ValueError):
         return False
 
 

