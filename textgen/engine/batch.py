@@ -61,11 +61,14 @@ class RunningBatch:
         prefixes: PrefixCache | None = None,
         program: Any = None,
     ) -> None:
-        self.model = model
         self.prefixes = prefixes
+        # transformers' forward: prefills without a compiled decoder, and prompts whose every
+        # position's logits are wanted.
+        self.transformers = DecodeStep(model)
         # The compiled decoder, when the model has one, runs both prefills and decode steps.
-        self.compiled = CompiledForward(model, program) if program is not None else None
-        self.decode: DecodeStep | CompiledForward = self.compiled or decode_step_for(model)
+        compiled = CompiledForward(model, program) if program is not None else None
+        self.forward: DecodeStep | CompiledForward = compiled or self.transformers
+        self.decode: DecodeStep | CompiledForward = compiled or decode_step_for(model)
         self.pad_token_id = pad_token_id
         self.metrics = metrics
         self.sequences: list[Sequence] = []
@@ -114,20 +117,12 @@ class RunningBatch:
         # Logits for every prompt position only when a request wants its prompt's logprobs
         # (such prompts are never continued, so then past is 0 and the logits cover them).
         echo = any(s.handle.job.params.prompt_logprobs for s in sequences)
-        if self.compiled is not None and not echo:
-            logits = self.compiled(ids, positions, mask, cache)
+        if echo:
+            every = self.transformers.forward(ids, positions, mask, cache, logits_to_keep=0)
+            record_prompt_logprobs(sequences, every, new)
+            logits = every[:, -1, :]
         else:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=0 if echo else 1,
-            )
-            logits = out.logits[:, -1, :]
-            if echo:
-                record_prompt_logprobs(sequences, out.logits, new)
+            logits = self.forward(ids, positions, mask, cache)
         if past:
             self.metrics.count("prompt_tokens_cached", sum(reused))
             for sequence, n in zip(sequences, reused, strict=True):

@@ -26,7 +26,7 @@ def decode_step_for(model: Any) -> DecodeStep:
 
 
 class DecodeStep:
-    """transformers' forward for one new position per row."""
+    """transformers' forward for new positions of every row (a decode step: one each)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -34,16 +34,28 @@ class DecodeStep:
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
     ) -> torch.Tensor:
-        """Logits [rows, vocab] for ``ids`` [rows, 1] at ``positions`` [rows, 1]; ``mask`` [rows,
-        columns] covers the cache and the new column."""
+        """Logits [rows, vocab] of the last of ``ids`` [rows, tokens] at ``positions`` [rows,
+        tokens]; ``mask`` [rows, columns] covers the cache and the new columns."""
+        return self.forward(ids, positions, mask, cache)[:, -1, :]
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: BatchCache,
+        logits_to_keep: int = 1,
+    ) -> torch.Tensor:
+        """Logits [rows, kept, vocab] of the last ``logits_to_keep`` positions (0: all)."""
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=logits_to_keep,
         )
-        return out.logits[:, -1, :]
+        return out.logits
 
 
 class LlamaDecodeStep(DecodeStep):
