@@ -169,7 +169,8 @@ class RunningBatch:
         greedy = [i for i, s in enumerate(sequences) if s.chooser.is_plain_greedy]
         choices: dict[int, int] = {}
         if greedy:
-            picks = logits[greedy].argmax(dim=-1).tolist()
+            rows = logits if len(greedy) == len(sequences) else logits[greedy]  # no copy if all
+            picks = rows.argmax(dim=-1).tolist()
             choices = dict(zip(greedy, picks, strict=True))
         for row, sequence in enumerate(sequences):
             token = choices.get(row)
