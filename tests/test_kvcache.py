@@ -47,3 +47,25 @@ def test_stack_right_aligned() -> None:
     out = stack_right_aligned(torch.ones(1, 1, 1, 1), torch.full((1, 1, 2, 1), 2.0), 5)
     assert out.shape == (2, 1, 5, 1)
     assert out[:, 0, :, 0].tolist() == [[0, 1, 0, 0, 0], [2, 2, 0, 0, 0]]
+
+
+def test_make_room_gives_contiguous_buffers_that_keep_what_they_hold() -> None:
+    cache = BatchCache()
+    cache.make_room(layers=2, rows=3, heads=1, dim=2, columns=5)
+    assert len(cache.slots) == 2 and cache.length == 0
+    assert all(
+        slot.key_buffer is not None and slot.key_buffer.shape == (3, 1, 5 + 64, 2)
+        for slot in cache.slots
+    )
+    held = filled(2, 6, 0)
+    held.drop_leading(2)  # a strided view of the buffer: compiled code wants contiguous ones
+    assert held.slots[0].key_buffer is not None
+    assert not held.slots[0].key_buffer.is_contiguous()
+    before = held.slots[0].current()[0].clone()
+    same = held.slots[0].key_buffer
+    held.make_room(layers=1, rows=2, heads=1, dim=1, columns=5)
+    after = held.slots[0].key_buffer
+    assert after is not same and after.is_contiguous()
+    assert torch.equal(held.slots[0].current()[0], before)  # the 4 filled columns kept
+    held.make_room(layers=1, rows=2, heads=1, dim=1, columns=6)
+    assert held.slots[0].key_buffer is after  # room enough: no copy
