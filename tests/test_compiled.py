@@ -11,13 +11,14 @@ import torch
 from flask import Flask
 
 from tests.conftest import EMBEDDED_CACHE, tiny_config
+from tests.test_decode import tiny_qwen2
 from tests.test_engine import concurrently, post, text
 from tests.test_quantize import TEXT, perplexity
 from textgen import create_app
 from textgen.engine.compiled import CompiledForward
 from textgen.engine.kvcache import BatchCache
 from textgen.models import cache as cache_module
-from textgen.models import compiled
+from textgen.models import compiled, quantize
 from textgen.models.cache import ModelCache
 from textgen.models.loading import LoadedModel, load_model
 from textgen.models.sources import is_prepared
@@ -37,15 +38,28 @@ def tiny_int8(model_dirs: dict[str, Path], compiled_cache: Path) -> LoadedModel:
 
 
 def test_compiled_logits_stay_close_to_eager_int8(tiny_int8: LoadedModel) -> None:
-    """A left-padded prefill and five decode steps against transformers' forward over the
-    whole sequence, on the same int8 weights.
+    assert_close_to_eager(tiny_int8.model, tiny_int8.program)
+
+
+def test_compiled_qwen2_with_projection_biases(tmp_path: Path) -> None:
+    """Qwen2's q/k/v projections have biases, fused with the int8 matmul's output."""
+    model = tiny_qwen2()
+    quantize.swap_in(model, quantize.quantized_tensors(model, "int8"))
+    assert compiled.supports(model)
+    target = tmp_path / "qwen2.pt2"
+    compiled.compile_program(model, target)
+    assert_close_to_eager(model, torch._inductor.aoti_load_package(str(target)))
+
+
+def assert_close_to_eager(model: Any, program: Any) -> None:
+    """A left-padded prefill and five decode steps through ``program`` against transformers'
+    forward over the whole sequence, on the same int8 weights.
 
     Not bit-equal: the generated kernels sum in another order and round other intermediate
     values to bfloat16 (8 significant bits, about 0.4%). Bound: 2% of the logits' range, five
     times one bfloat16 rounding; measured here about 0.3%.
     """
-    model = tiny_int8.model
-    forward = CompiledForward(model, tiny_int8.program)
+    forward = CompiledForward(model, program)
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.long)
