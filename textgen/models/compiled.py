@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from textgen.models.quantize import Int8Linear
 
 log = logging.getLogger(__name__)
 
-INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR"
 INDUCTOR_SETTINGS = {
     # C++ GEMM templates: int8 weight-only matmuls as generated code, not the eager kernel.
     "max_autotune": True,
@@ -202,21 +200,9 @@ def compile_program(model: Any, target: Path) -> None:
         exported = torch.export.export(program, example_inputs(program), dynamic_shapes=shapes)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.stem}.{os.getpid()}.partial.pt2")
-    # Inductor's working files (generated C++, objects, autotuning records: about 300 MB for the
-    # embedded model) go to a scratch directory removed afterwards, not to /tmp for good: the
-    # package holds everything a later start needs.
-    previous = os.environ.get(INDUCTOR_DIR)
-    with tempfile.TemporaryDirectory(prefix="textgen-compile-") as scratch:
-        os.environ[INDUCTOR_DIR] = scratch
-        try:
-            torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(staging), inductor_configs=dict(INDUCTOR_SETTINGS)
-            )
-        finally:
-            if previous is None:
-                os.environ.pop(INDUCTOR_DIR, None)
-            else:
-                os.environ[INDUCTOR_DIR] = previous
+    torch._inductor.aoti_compile_and_package(
+        exported, package_path=str(staging), inductor_configs=dict(INDUCTOR_SETTINGS)
+    )
     os.replace(staging, target)
 
 
