@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from textgen.engine.decode import rotary_tables
 from textgen.engine.kvcache import BatchCache
 
 
@@ -20,8 +21,7 @@ class CompiledForward:
         inner = model.model
         self.program = program
         self.embed = inner.embed_tokens
-        self.inv_freq = inner.rotary_emb.inv_freq.float()
-        self.scaling = inner.rotary_emb.attention_scaling
+        self.rotary = inner.rotary_emb
         attention = inner.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.kv_heads = model.config.num_key_value_heads
@@ -37,12 +37,7 @@ class CompiledForward:
         past = columns - tokens
         cache.make_room(self.layers, rows, self.kv_heads, self.head_dim, columns)
         hidden = self.embed(ids)
-        freqs = positions[..., None].float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos = angles.cos() * self.scaling
-        sin = angles.sin() * self.scaling
-        half = self.head_dim // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = rotary_tables(positions, self.rotary, self.head_dim)
         visible = mask.bool()[:, None, None, :]
         new = torch.arange(past, columns)
         if tokens > 1:

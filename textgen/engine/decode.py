@@ -89,15 +89,9 @@ class LlamaDecodeStep(DecodeStep):
     ) -> torch.Tensor:
         rows = ids.shape[0]
         hidden = self.embed(ids)  # [rows, 1, width]
-        freqs = positions[..., None].float() * self.rotary.inv_freq.float()
-        angles = torch.cat((freqs, freqs), dim=-1)
-        scaling = self.rotary.attention_scaling
-        cos = (angles.cos() * scaling).to(hidden.dtype)[:, None]
-        sin = (angles.sin() * scaling).to(hidden.dtype)[:, None]
-        # rotate_half(x) * sin is x.roll(half) * sin with the first half's sign flipped: the same
-        # products, so equal bit for bit, in two operations instead of five.
+        cos, sin_signed = rotary_tables(positions, self.rotary, self.head_dim)
+        cos, sin_signed = cos.to(hidden.dtype)[:, None], sin_signed.to(hidden.dtype)[:, None]
         half = self.head_dim // 2
-        sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         # As transformers does: no mask at all when no row has padding (SDPA's result differs in
         # the last bits between no mask and an all-true one).
         attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
@@ -150,6 +144,20 @@ class LlamaDecodeStep(DecodeStep):
         rows = query.shape[0]
         grouped = query.reshape(rows, keys.shape[1], self.groups, self.head_dim)
         return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+
+
+def rotary_tables(
+    positions: torch.Tensor, rotary: Any, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' rotary cos and sin (float32, [*positions.shape, head_dim]), the sin with
+    its first half's sign flipped: rotate_half(x) * sin is x.roll(half) * that, the same
+    products, so equal bit for bit, in two operations instead of five."""
+    freqs = positions[..., None].float() * rotary.inv_freq.float()
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos = angles.cos() * rotary.attention_scaling
+    sin = angles.sin() * rotary.attention_scaling
+    half = head_dim // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def rms_norm(hidden: torch.Tensor, norm: Any) -> torch.Tensor:
