@@ -15,6 +15,7 @@ from tests.test_decode import tiny_qwen2
 from tests.test_engine import concurrently, post, text
 from tests.test_quantize import TEXT, perplexity
 from textgen import create_app
+from textgen.config import ConfigError
 from textgen.engine.compiled import CompiledForward
 from textgen.engine.kvcache import BatchCache
 from textgen.models import cache as cache_module
@@ -147,11 +148,27 @@ def test_no_program_for_other_formats_models_or_machines(
 
 @pytest.fixture(scope="module")
 def compiled_app(model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: Any) -> Flask:
-    config = tiny_config(model_dirs, compiled_cache)
+    return create_app(int8_config(model_dirs, compiled_cache))
+
+
+def int8_config(model_dirs: dict[str, Path], cache: Path, **extra: Any) -> dict[str, Any]:
+    config = tiny_config(model_dirs, cache, **extra)
     config["MODELS"] = [
         {"name": "tiny-llama", "source": str(model_dirs["tiny-llama"]), "dtype": "int8"}
     ]
-    return create_app(config)
+    return config
+
+
+def test_compile_setting_turns_it_off_and_is_validated(
+    model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: LoadedModel
+) -> None:
+    off = create_app(int8_config(model_dirs, compiled_cache, COMPILE=False))
+    client = off.test_client()
+    assert client.get("/models").get_json()["models"][0]["compiled"] is False
+    body = {"prompt": "Hello", "max_new_tokens": 3, "strategy": "greedy"}
+    assert client.post("/generate", json=body).status_code == 200  # eager int8 still serves
+    with pytest.raises(ConfigError, match="TEXTGEN_COMPILE"):
+        create_app(int8_config(model_dirs, compiled_cache, COMPILE="maybe"))
 
 
 def test_served_through_the_compiled_decoder(compiled_app: Flask, tiny_int8: LoadedModel) -> None:
