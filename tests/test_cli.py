@@ -32,7 +32,7 @@ def test_pull_quantizes_ahead_so_workers_start_warm(model_dirs, tmp_path, monkey
     result = CliRunner().invoke(main, ["pull"])
     assert result.exit_code == 0, result.output
     assert "(int4)" in result.output
-    assert list((tmp_path / "quantized").glob("*-int4.safetensors"))
+    assert list((tmp_path / "quantized").glob("*-int4.pt"))
     assert is_prepared(spec, ModelCache(tmp_path))
 
 

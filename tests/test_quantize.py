@@ -71,7 +71,7 @@ def test_each_dtype_generates_like_generate(model_dirs, tmp_path, dtype: str) ->
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_quantized_weights_are_prepared_once(model_dirs, tmp_path, monkeypatch, dtype) -> None:
     first = app_with(model_dirs, tmp_path, dtype)
-    assert list((tmp_path / "quantized").glob(f"*-{dtype}.safetensors"))
+    assert list((tmp_path / "quantized").glob(f"*-{dtype}.pt"))
 
     def no_quantizing(linear: Any) -> Any:
         raise AssertionError("the cached weights should have been used")

@@ -84,7 +84,7 @@ class ModelCache:
         layout = metadata.version("torch") if dtype == "int4" else ""
         raw = json.dumps([str(model_dir.resolve()), stamp, layout]).encode()
         key = hashlib.sha256(raw).hexdigest()[:16]
-        return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.safetensors"
+        return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.pt"
 
     def compiled_path(self, model_dir: Path) -> Path:
         """The compiled decoder of a model directory's int8 weights (textgen/models/

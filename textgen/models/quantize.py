@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from textgen.models import float16
 from textgen.models.cache import ModelCache
@@ -52,7 +51,7 @@ class Int8Linear(WeightOnlyLinear):
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: Any) -> None:
         super().__init__(bias)
-        self.register_buffer("weight_int8", weight)
+        self.register_buffer("weight_int8", aligned(weight))
         self.register_buffer("scale", scale)
 
     @staticmethod
@@ -64,7 +63,18 @@ class Int8Linear(WeightOnlyLinear):
         return {"weight": int8, "scale": scale.to(torch.bfloat16)}
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scale)
+        return torch.ops.aten._weight_int8pack_mm(aligned(x), self.weight_int8, self.scale)
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it at an address that is a multiple of 64 bytes.
+
+    ``_weight_int8pack_mm`` on AVX-512 CPUs (PyTorch 2.13) reads its input and weights with
+    aligned vector loads and crashes the process on a tensor that is not: activations that are
+    views into a larger buffer, weights mapped from a safetensors file (8-byte aligned there).
+    PyTorch's own allocations are 64-byte aligned, so the copy is made only where it is needed.
+    """
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
 
 
 class Int4Linear(WeightOnlyLinear):
@@ -173,7 +183,9 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
     """Put the model's weights in ``dtype``; int8 and int4 weights are computed once and cached.
 
     Quantized layers use the tensors mapped from the cache file (shared by every worker); on the
-    first start they are written, then mapped back from the file.
+    first start they are written, then mapped back from the file. PyTorch's own format, because
+    it starts every tensor at a multiple of 64 bytes (safetensors packs them, and the int8
+    kernel wants aligned weights: see ``aligned``).
     """
     if dtype == "float32":
         return
@@ -193,7 +205,7 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
         tensors = quantized_tensors(model, dtype)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_suffix(f".{os.getpid()}.partial")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, staging)
+        torch.save({k: v.contiguous() for k, v in tensors.items()}, staging)
         os.replace(staging, target)
         log.info("%s weights of %s prepared in %s", dtype, model_dir, target)
-    swap_in(model, load_file(target))
+    swap_in(model, torch.load(target, mmap=True, weights_only=True))
