@@ -118,6 +118,20 @@ def test_weights_are_mapped_from_files_workers_share(model_dirs, tmp_path, dtype
         assert any("quantized" in path for _, _, path in spans)
 
 
+def test_int8_layer_takes_misaligned_weights_and_inputs() -> None:
+    """Views that start off a 64-byte boundary (PyTorch 2.13's int8 kernel on AVX-512 CPUs
+    crashed the process on them) give the same output as aligned copies."""
+    torch.manual_seed(0)
+    stored = quantize.Int8Linear.quantized(torch.nn.Linear(64, 48, bias=False))
+    weights = torch.cat([torch.zeros(1, dtype=torch.int8), stored["weight"].flatten()])
+    misaligned = weights[1:].view(48, 64)
+    inputs = torch.randn(3 * 64 + 8, dtype=torch.bfloat16)[8:].view(3, 64)
+    assert misaligned.data_ptr() % 64 and inputs.data_ptr() % 64
+    layer = quantize.Int8Linear(misaligned, stored["scale"], None)
+    expected = quantize.Int8Linear(stored["weight"].clone(), stored["scale"], None)
+    assert torch.equal(layer(inputs), expected(inputs.clone()))
+
+
 def test_float16_weights_are_packed_and_the_float32_file_let_go(model_dirs, tmp_path) -> None:
     """float16 weights live in fbgemm's packed form, private to the process: nothing may keep
     the float32 file mapped afterwards, or its pages (all read for packing) stay in the RSS."""
