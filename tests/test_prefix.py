@@ -163,11 +163,13 @@ def test_prompts_continuing_different_prefixes_together(model_dirs, tmp_path) ->
     ]
     busy = threading.Thread(
         target=lambda: reusing.test_client().post(
-            "/generate", json={"prompt": "Hello", "max_new_tokens": 100, "ignore_eos": True}
+            "/generate", json={"prompt": "Hello", "max_new_tokens": 200, "ignore_eos": True}
         )
     )
     busy.start()  # a running batch, so the prompts below queue and are admitted together
+    deadline = time.monotonic() + 60
     while engine_counters(reusing)["running"] < 1:
+        assert time.monotonic() < deadline
         time.sleep(0.005)
     results = [text(r) for r in concurrently(reusing, [greedy_body(p) for p in prompts])]
     busy.join(120)
