@@ -148,7 +148,8 @@ def test_no_program_for_other_formats_models_or_machines(
 
 @pytest.fixture(scope="module")
 def compiled_app(model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: Any) -> Flask:
-    return create_app(int8_config(model_dirs, compiled_cache))
+    """Drafts off: every token comes from a one-token step (test_drafts_checked_in_one_step)."""
+    return create_app(int8_config(model_dirs, compiled_cache, DRAFT_TOKENS=0))
 
 
 def int8_config(model_dirs: dict[str, Path], cache: Path, **extra: Any) -> dict[str, Any]:
@@ -176,28 +177,61 @@ def test_served_through_the_compiled_decoder(compiled_app: Flask, tiny_int8: Loa
     one a hand-written loop over the same program gives, alone or in a concurrent batch."""
     models = compiled_app.test_client().get("/models").get_json()
     assert models["models"][0]["compiled"] is True
-    tokenizer, model = tiny_int8.tokenizer, tiny_int8.model
-    forward = CompiledForward(model, tiny_int8.program)
-    prompts = ["Once upon a time", "The capital of France is", "Hello"]
-    expected = []
-    for prompt in prompts:
-        ids = torch.tensor([tokenizer.encode(prompt)])
-        mask = torch.ones_like(ids)
-        cache, chosen = BatchCache(), []
-        with torch.inference_mode():
-            logits = forward(ids, torch.arange(ids.shape[1])[None], mask, cache)
-            for _ in range(12):
-                token = int(logits.argmax(-1))
-                chosen.append(token)
-                mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-                logits = forward(
-                    torch.tensor([[token]]), mask.sum(-1, keepdim=True) - 1, mask, cache
-                )
-        expected.append(tokenizer.decode(chosen, skip_special_tokens=True))
+    expected = [step_by_step(tiny_int8, prompt, 12) for prompt in PROMPTS]
     bodies = [
         {"prompt": p, "max_new_tokens": 12, "ignore_eos": True, "strategy": "greedy"}
-        for p in prompts
+        for p in PROMPTS
     ]
     assert [text(post(compiled_app, body)) for body in bodies] == expected
     together = concurrently(compiled_app, bodies)
     assert [text(result) for result in together] == expected
+
+
+PROMPTS = ["Once upon a time", "The capital of France is", "Hello"]
+
+
+def step_by_step(loaded: LoadedModel, prompt: str, tokens: int) -> str:
+    """Greedy text from a hand-written loop over the program, one token per call."""
+    forward = CompiledForward(loaded.model, loaded.program)
+    ids = torch.tensor([loaded.tokenizer.encode(prompt)])
+    mask = torch.ones_like(ids)
+    cache, chosen = BatchCache(), []
+    with torch.inference_mode():
+        logits = forward(ids, torch.arange(ids.shape[1])[None], mask, cache)
+        for _ in range(tokens):
+            token = int(logits.argmax(-1))
+            chosen.append(token)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            logits = forward(torch.tensor([[token]]), mask.sum(-1, keepdim=True) - 1, mask, cache)
+    return str(loaded.tokenizer.decode(chosen, skip_special_tokens=True))
+
+
+def test_drafts_checked_in_one_step(
+    model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: LoadedModel
+) -> None:
+    """A lone greedy request guesses tokens from its own text and checks them in one call:
+    guesses are taken and refused (the refused ones' cache columns dropped), and the text is
+    the one-token-per-step text. (Equal here because the tiny model's top choices are far
+    apart; checking several positions at once sums in another order, so a near tie can go the
+    other way: README, "Drafts".) Sampling, logprobs and TEXTGEN_DRAFT_TOKENS=0 draft nothing."""
+    app = create_app(int8_config(model_dirs, compiled_cache))
+    metrics = app.extensions["textgen.registry"].engine(None).metrics
+    for prompt in PROMPTS:
+        body = {"prompt": prompt, "max_new_tokens": 40, "ignore_eos": True, "strategy": "greedy"}
+        assert text(post(app, body)) == step_by_step(tiny_int8, prompt, 40)
+    counters = metrics.snapshot()
+    assert counters["draft_tokens_accepted"] > 0  # some guesses were right
+    assert counters["draft_tokens"] > counters["draft_tokens_accepted"]  # and some wrong
+    assert counters["steps"] < counters["generated_tokens"]  # fewer steps than tokens
+
+    before = metrics.snapshot()["draft_tokens"]
+    base = {"prompt": PROMPTS[0], "max_new_tokens": 20, "ignore_eos": True}
+    post(app, {**base, "strategy": "sampling", "seed": 1})
+    completion = {"model": "tiny-llama", "prompt": PROMPTS[0], "max_tokens": 20, "logprobs": 1}
+    response = app.test_client().post("/v1/completions", json={**completion, "temperature": 0})
+    assert response.status_code == 200, response.get_json()
+    assert metrics.snapshot()["draft_tokens"] == before
+
+    off = create_app(int8_config(model_dirs, compiled_cache, DRAFT_TOKENS=0))
+    post(off, {**base, "strategy": "greedy"})
+    assert off.extensions["textgen.registry"].engine(None).metrics.snapshot()["draft_tokens"] == 0

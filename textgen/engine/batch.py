@@ -11,12 +11,13 @@ import torch
 from textgen.engine.compiled import CompiledForward
 from textgen.engine.decode import DecodeStep, decode_step_for
 from textgen.engine.detokenize import IncrementalDetokenizer
+from textgen.engine.draft import NgramDraft
 from textgen.engine.kvcache import BatchCache, merge_masks
 from textgen.engine.logprobs import record_prompt_logprobs, token_logprob
 from textgen.engine.metrics import EngineMetrics
 from textgen.engine.prefix import LayerKV, PrefixCache
 from textgen.engine.sampling import TokenChooser
-from textgen.engine.sequence import RequestHandle, Sequence
+from textgen.engine.sequence import RequestHandle, Sequence, TokenLogprob
 from textgen.generation.runner import ModelRunner
 from textgen.generation.stopping import StopSequenceMatcher
 
@@ -60,6 +61,7 @@ class RunningBatch:
         metrics: EngineMetrics,
         prefixes: PrefixCache | None = None,
         program: Any = None,
+        draft_tokens: int = 0,
     ) -> None:
         self.prefixes = prefixes
         # transformers' forward: prefills without a compiled decoder, and prompts whose every
@@ -69,6 +71,9 @@ class RunningBatch:
         compiled = CompiledForward(model, program) if program is not None else None
         self.forward: DecodeStep | CompiledForward = compiled or self.transformers
         self.decode: DecodeStep | CompiledForward = compiled or decode_step_for(model)
+        # A lone greedy row checks up to this many tokens guessed from its text per step (the
+        # compiled decoder does a few tokens of one row in little more than the time of one).
+        self.draft_tokens = draft_tokens if compiled is not None else 0
         self.pad_token_id = pad_token_id
         self.metrics = metrics
         self.sequences: list[Sequence] = []
@@ -153,15 +158,59 @@ class RunningBatch:
         self.advance(sequences, logits)
 
     def step(self) -> None:
-        """One decode step for every row."""
+        """One decode step for every row; a lone greedy row may check a draft in it."""
         assert self.cache is not None and self.mask is not None
         started = time.perf_counter()
         rows = len(self.sequences)
-        ids = torch.tensor([[s.next_input] for s in self.sequences])
-        positions = self.mask.sum(-1, keepdim=True)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
-        self.advance(self.sequences, self.decode(ids, positions, self.mask, self.cache))
-        self.metrics.step(rows, time.perf_counter() - started)
+        draft = self.draft_for(self.sequences[0]) if rows == 1 else []
+        if draft:
+            tokens = self.check_draft(self.sequences[0], draft)
+        else:
+            ids = torch.tensor([[s.next_input] for s in self.sequences])
+            positions = self.mask.sum(-1, keepdim=True)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
+            self.advance(self.sequences, self.decode(ids, positions, self.mask, self.cache))
+            tokens = rows
+        self.metrics.step(rows, tokens, time.perf_counter() - started)
+
+    def draft_for(self, sequence: Sequence) -> list[int]:
+        """The tokens guessed to follow ``sequence`` (none unless it is plain greedy without
+        logprobs, has a compiled decoder, and may take more than one token)."""
+        room = min(self.draft_tokens, sequence.budget - len(sequence.generated) - 1)
+        logprobs = sequence.handle.job.params.logprobs
+        if room < 1 or not sequence.chooser.is_plain_greedy or logprobs is not None:
+            return []
+        if sequence.drafts is None:
+            sequence.drafts = NgramDraft()
+        sequence.drafts.sync(sequence.prompt, sequence.generated)
+        return sequence.drafts.propose(room)
+
+    def check_draft(self, sequence: Sequence, draft: list[int]) -> int:
+        """Run the row's next input and the draft in one call, keep the tokens the model
+        chooses up to the first guess it does not (and that choice), and drop the cache
+        columns of the rest. Returns how many tokens the row took."""
+        assert self.cache is not None and self.mask is not None
+        assert isinstance(self.decode, CompiledForward)
+        start = self.mask.shape[1]
+        count = len(draft) + 1
+        ids = torch.tensor([[sequence.next_input, *draft]])
+        positions = self.mask.sum(-1, keepdim=True) + torch.arange(count)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(1, count)], dim=1)
+        picks = self.decode.every(ids, positions, self.mask, self.cache)[0].argmax(-1).tolist()
+        self.metrics.count("draft_tokens", len(draft))
+        now = time.perf_counter()
+        taken = 0
+        for index, token in enumerate(picks):
+            self.take(sequence, token, None, now)
+            taken += 1
+            if sequence.finish_reason is not None or index == len(draft) or token != draft[index]:
+                break
+        self.metrics.count("draft_tokens_accepted", taken - 1)
+        # The columns of the inputs whose next token was taken: the one before the draft and
+        # the guesses that proved right.
+        self.cache.truncate(start + taken)
+        self.mask = self.mask[:, : start + taken]
+        return taken
 
     def advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each sequence's next token (one argmax for all plain-greedy rows)."""
@@ -176,19 +225,25 @@ class RunningBatch:
             token = choices.get(row)
             if token is None:
                 token = sequence.chooser.choose(sequence.history(), logits[row])
-            handle = sequence.handle
-            wanted = handle.job.params.logprobs
+            wanted = sequence.handle.job.params.logprobs
             logprob = None if wanted is None else token_logprob(logits[row], token, wanted)
-            if handle.first_token is None:
-                handle.first_token = now
-                self.metrics.observe("time_to_first_token_s", now - handle.created)
-            if sequence.last_token_at is not None:
-                self.metrics.observe("inter_token_s", now - sequence.last_token_at)
-            sequence.last_token_at = now
-            sequence.accept(token, logprob)
-            handle.generated += 1
-            if sequence.finish_reason is None and now > handle.deadline:
-                sequence.finish("time_limit")
+            self.take(sequence, token, logprob, now)
+
+    def take(
+        self, sequence: Sequence, token: int, logprob: TokenLogprob | None, now: float
+    ) -> None:
+        """Give ``sequence`` its next token, chosen at ``now``."""
+        handle = sequence.handle
+        if handle.first_token is None:
+            handle.first_token = now
+            self.metrics.observe("time_to_first_token_s", now - handle.created)
+        if sequence.last_token_at is not None:
+            self.metrics.observe("inter_token_s", now - sequence.last_token_at)
+        sequence.last_token_at = now
+        sequence.accept(token, logprob)
+        handle.generated += 1
+        if sequence.finish_reason is None and now > handle.deadline:
+            sequence.finish("time_limit")
 
     def remember_finished(self, row: int, sequence: Sequence) -> None:
         """Keep a finished row's prompt and output (all but the last token, which was chosen

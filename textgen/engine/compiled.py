@@ -12,9 +12,8 @@ from textgen.engine.kvcache import BatchCache
 
 class CompiledForward:
     """New tokens for every row through the compiled program: a decode step (one token per
-    row) or a prefill (the prompts, left-padded), with the same arguments as a DecodeStep.
-
-    Returns the logits of each row's last position; the cache grows by the new columns.
+    row), a prefill (the prompts, left-padded) or a draft to check, with the same arguments as
+    a DecodeStep. The cache grows by the new columns.
     """
 
     def __init__(self, model: Any, program: Any) -> None:
@@ -30,8 +29,25 @@ class CompiledForward:
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
     ) -> torch.Tensor:
-        """``ids`` and ``positions`` [rows, tokens]; ``mask`` [rows, columns] covers the cache's
-        columns and then the new ones."""
+        """The logits of each row's last position [rows, vocabulary]. ``ids`` and ``positions``
+        [rows, tokens]; ``mask`` [rows, columns] covers the cache's columns and then the new
+        ones."""
+        return self.run(ids, positions, mask, cache, torch.tensor([ids.shape[1] - 1]))[:, 0]
+
+    def every(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
+    ) -> torch.Tensor:
+        """The logits of every new position [rows, tokens, vocabulary]."""
+        return self.run(ids, positions, mask, cache, torch.arange(ids.shape[1]))
+
+    def run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: BatchCache,
+        wanted: torch.Tensor,
+    ) -> torch.Tensor:
         rows, tokens = ids.shape
         columns = mask.shape[1]
         past = columns - tokens
@@ -47,7 +63,7 @@ class CompiledForward:
             visible = (visible & (column <= new[:, None])) | (column == new[:, None])
         keys = [slot.key_buffer for slot in cache.slots]
         values = [slot.value_buffer for slot in cache.slots]
-        logits = self.program(hidden, cos, sin, visible, keys, values, new)
+        logits = self.program(hidden, cos, sin, visible, keys, values, new, wanted)
         for slot in cache.slots:
             slot.set_length(columns)
         return logits

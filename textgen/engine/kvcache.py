@@ -109,6 +109,11 @@ class BatchCache(Cache):
             if buffer is None or buffer.shape[-2] < columns or not buffer.is_contiguous():
                 slot.reserve(columns + HEADROOM, like, like)
 
+    def truncate(self, columns: int) -> None:
+        """Keep the first ``columns`` columns (the buffers stay; later writes go after them)."""
+        for slot in self.slots:
+            slot.set_length(columns)
+
     @classmethod
     def right_aligned(
         cls,

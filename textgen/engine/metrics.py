@@ -30,6 +30,8 @@ class EngineMetrics:
             "prompt_tokens_cached": 0,
             "generated_tokens": 0,
             "steps": 0,
+            "draft_tokens": 0,
+            "draft_tokens_accepted": 0,
         }
         self.gauges = {
             "queued": 0,
@@ -56,12 +58,13 @@ class EngineMetrics:
         with self._lock:
             self.gauges.update(gauges)
 
-    def step(self, tokens: int, seconds: float) -> None:
-        """Record one decode step: its tokens, duration and batch size."""
+    def step(self, rows: int, tokens: int, seconds: float) -> None:
+        """Record one decode step: its batch size, the tokens it gave (more than the rows when
+        a draft was checked) and its duration."""
         with self._lock:
             self.counters["steps"] += 1
             self.counters["generated_tokens"] += tokens
-            self.samples["batch_size"].append(tokens)
+            self.samples["batch_size"].append(rows)
             if seconds > 0:
                 rate = tokens / seconds
                 self.throughput = (

@@ -38,6 +38,7 @@ class EngineLimits:
     max_requests: int  # requests accepted and not finished (running or waiting)
     max_pending_tokens: int  # tokens those requests may still generate
     prefix_cache_tokens: int = 0  # prompt tokens whose keys/values are kept for reuse (0: off)
+    draft_tokens: int = 0  # tokens a lone greedy row may guess and check per step (0: off)
 
 
 class Engine:
@@ -53,7 +54,12 @@ class Engine:
         prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
         loaded = runner.loaded
         self._batch = RunningBatch(
-            loaded.model, loaded.pad_token_id, self.metrics, prefixes, loaded.program
+            loaded.model,
+            loaded.pad_token_id,
+            self.metrics,
+            prefixes,
+            loaded.program,
+            limits.draft_tokens,
         )
         self._stopping = False
         self._thread = threading.Thread(

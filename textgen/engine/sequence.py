@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from textgen.engine.detokenize import IncrementalDetokenizer
+from textgen.engine.draft import NgramDraft
 from textgen.engine.sampling import TokenChooser
 from textgen.generation.runner import Job
 from textgen.generation.stopping import StopSequenceMatcher
@@ -127,6 +128,7 @@ class Sequence:
     last_token_at: float | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprobs: int = 0  # how many of the last logprobs no Delta has carried yet
+    drafts: NgramDraft | None = None  # its text indexed for drafts, once it has had one
 
     def history(self) -> list[int]:
         return self.prompt + self.generated

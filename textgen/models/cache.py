@@ -20,7 +20,7 @@ MARKER = "textgen-source.json"
 QUANTIZED = ("int8", "int4")
 # The computation of textgen/models/compiled.py's Program: bump when it changes, so packages
 # compiled from an older one are not loaded.
-COMPILED_FORMAT = 2
+COMPILED_FORMAT = 3
 
 
 def compiler_available() -> bool:

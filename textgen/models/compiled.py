@@ -59,7 +59,9 @@ class Program(torch.nn.Module):
     head_dim] (``sin`` with its first half negated, see decode.py), ``mask`` [rows, 1, tokens,
     columns] (True: may attend), per layer the key and value buffers [rows, kv_heads, capacity,
     head_dim], and ``columns_new`` [tokens]: the buffer columns the new keys and values go to
-    (the last ones of the first ``columns``). Output: logits of each row's last position.
+    (the last ones of the first ``columns``), and ``wanted`` [keep]: the new positions whose
+    logits are returned (the last one for a step or a prefill, every one to check a draft).
+    Output: logits [rows, keep, vocabulary].
     """
 
     def __init__(self, model: Any) -> None:
@@ -123,6 +125,7 @@ class Program(torch.nn.Module):
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
         columns_new: torch.Tensor,
+        wanted: torch.Tensor,
     ) -> torch.Tensor:
         rows, tokens = hidden.shape[0], hidden.shape[1]
         columns = mask.shape[-1]
@@ -154,7 +157,7 @@ class Program(torch.nn.Module):
             gate_up = self.linear(x, f"gate_up{index}")
             gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate :]
             hidden = hidden + self.linear(F.silu(gate) * up, f"down{index}")
-        return self.linear(self.rms_norm(hidden[:, -1], "norm"), "head")
+        return self.linear(self.rms_norm(hidden.index_select(1, wanted), "norm"), "head")
 
 
 def example_inputs(program: Program, rows: int = 8, tokens: int = 2) -> tuple[Any, ...]:
@@ -176,6 +179,7 @@ def example_inputs(program: Program, rows: int = 8, tokens: int = 2) -> tuple[An
         buffers,
         [buffer.clone() for buffer in buffers],
         torch.arange(1, tokens + 1),
+        torch.arange(tokens),
     )
 
 
@@ -185,6 +189,7 @@ def compile_program(model: Any, target: Path) -> None:
 
     program = Program(model).eval()
     rows, tokens = Dim("rows", min=1, max=4096), Dim("tokens", min=1, max=1 << 16)
+    keep = Dim("keep", min=1, max=1 << 16)
     capacity, columns = Dim("capacity", min=2, max=1 << 20), Dim("columns", min=2, max=1 << 20)
     per_layer = [{0: rows, 2: capacity}] * program.layer_count
     shapes = (
@@ -195,6 +200,7 @@ def compile_program(model: Any, target: Path) -> None:
         per_layer,
         per_layer,
         {0: tokens},
+        {0: keep},
     )
     with torch.no_grad():
         exported = torch.export.export(program, example_inputs(program), dynamic_shapes=shapes)

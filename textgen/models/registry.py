@@ -44,6 +44,7 @@ class ModelRegistry:
             max_requests=settings.max_queue,
             max_pending_tokens=settings.max_queue_tokens,
             prefix_cache_tokens=settings.prefix_cache_tokens,
+            draft_tokens=settings.draft_tokens,
         )
         self._engines: dict[str, Engine] = {}
         self._state = "idle"
