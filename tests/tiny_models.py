@@ -43,17 +43,23 @@ def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def save_tiny_llama(path: Path, seed: int = 0, max_positions: int = 256) -> Path:
-    """A 2-layer Llama with a chat template; no pad token (the server must supply one)."""
+def save_tiny_llama(
+    path: Path, seed: int = 0, max_positions: int = 256, blocks: bool = False
+) -> Path:
+    """A 2-layer Llama with a chat template; no pad token (the server must supply one).
+
+    With ``blocks``, wider (128) and with 64-wide heads, so every projection is whole blocks of
+    64 output rows, as the compiled int4 decoder wants (architecture.compilable)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
+    width, heads = (128, 2) if blocks else (32, 4)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=max_positions,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,

@@ -86,17 +86,17 @@ class ModelCache:
         key = hashlib.sha256(raw).hexdigest()[:16]
         return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.pt"
 
-    def compiled_path(self, model_dir: Path) -> Path:
-        """The compiled decoder of a model directory's int8 weights (textgen/models/
+    def compiled_path(self, model_dir: Path, dtype: str) -> Path:
+        """The compiled decoder of a model directory's int8 or int4 weights (textgen/models/
         compiled.py): keyed by those weights' cache file, the torch version, the CPU's vector
         instruction sets (the code is built for them) and COMPILED_FORMAT."""
-        weights = self.quantized_path(model_dir, "int8")
+        weights = self.quantized_path(model_dir, dtype)
         stamp = weights.stat().st_mtime_ns if weights.is_file() else 0
         raw = json.dumps(
             [str(weights), stamp, metadata.version("torch"), cpu_flags(), COMPILED_FORMAT]
         ).encode()
         key = hashlib.sha256(raw).hexdigest()[:16]
-        return self.root / "compiled" / f"{model_dir.name}-{key}-int8.pt2"
+        return self.root / "compiled" / f"{model_dir.name}-{key}-{dtype}.pt2"
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:

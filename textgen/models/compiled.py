@@ -1,4 +1,5 @@
-"""The decoder of a Llama-shaped model with int8 weights, compiled ahead of time (AOTInductor).
+"""The decoder of a Llama-shaped model with int8 or int4 weights, compiled ahead of time
+(AOTInductor).
 
 Eager PyTorch spends most of a one-token step here on per-operation cost and on the int8 kernel
 (``_weight_int8pack_mm``: 13 ms for the embedded model's matmuls at one row). Inductor, with its
@@ -23,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from textgen.models.architecture import llama_shaped
+from textgen.models.architecture import compilable
 from textgen.models.cache import ModelCache, compiler_available
-from textgen.models.quantize import Int8Linear
+from textgen.models.quantize import INT4_GROUP, Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,21 @@ INDUCTOR_SETTINGS = {
 }
 
 
-def supports(model: Any) -> bool:
-    """Llama-shaped decoders (as the written-out decode step takes them) whose every linear
-    layer, the output layer included, holds int8 weights."""
-    if not llama_shaped(model.config):
+def supports(model: Any, dtype: str) -> bool:
+    """Models the compiled decoder takes (``architecture.compilable``) whose every linear layer
+    holds ``dtype`` weights as quantize.py stores them: int8, or int4 with the output layer in
+    int8 (which int4 keeps there)."""
+    if not compilable(model.config, dtype):
         return False
-    linears = [model.lm_head]
+    kind = Int4Linear if dtype == "int4" else Int8Linear
+    projections = []
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        linears += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    return all(isinstance(linear, Int8Linear) for linear in linears)
+        projections += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+        projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return isinstance(model.lm_head, Int8Linear) and all(
+        isinstance(linear, kind) for linear in projections
+    )
 
 
 class Program(torch.nn.Module):
@@ -88,25 +93,31 @@ class Program(torch.nn.Module):
         self.register_buffer("norm", model.model.norm.weight.detach())
         self.fuse("head", model.lm_head)
 
-    def fuse(self, name: str, *linears: Int8Linear) -> None:
-        """One int8 matmul for layers that read the same input (per-row scales: exact)."""
-        self.register_buffer(f"{name}_w", torch.cat([linear.weight_int8 for linear in linears]))
-        self.register_buffer(f"{name}_s", torch.cat([linear.scale for linear in linears]))
+    def fuse(self, name: str, *linears: Int8Linear | Int4Linear) -> None:
+        """One matmul for layers that read the same input (exact: each output row keeps its
+        own weights and scales; int4 parts are whole blocks of 64 rows)."""
+        parts = [stored(linear) for linear in linears]
+        int4 = isinstance(linears[0], Int4Linear)  # scales and zero points [groups, rows, 2]
+        self.register_buffer(f"{name}_w", torch.cat([weight for weight, _ in parts]))
+        scale = torch.cat([scale for _, scale in parts], dim=1 if int4 else 0)
+        self.register_buffer(f"{name}_s", scale.contiguous())
         biases = [linear.bias for linear in linears]
         if any(bias is not None for bias in biases):
-            parts = [
-                bias.detach().float() if bias is not None else torch.zeros(linear.scale.shape[0])
-                for bias, linear in zip(biases, linears, strict=True)
+            filled = [
+                bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])
+                for bias, (weight, _) in zip(biases, parts, strict=True)
             ]
-            self.register_buffer(f"{name}_b", torch.cat(parts))
+            self.register_buffer(f"{name}_b", torch.cat(filled))
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         shape = x.shape
-        out = torch.ops.aten._weight_int8pack_mm(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16),
-            getattr(self, f"{name}_w"),
-            getattr(self, f"{name}_s"),
-        ).float()
+        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        weight, scale = getattr(self, f"{name}_w"), getattr(self, f"{name}_s")
+        if weight.dtype == torch.uint8:  # int4, packed two to a byte
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, INT4_GROUP, scale)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, weight, scale)
+        out = out.float()
         bias = getattr(self, f"{name}_b", None)
         if bias is not None:
             out = out + bias
@@ -158,6 +169,13 @@ class Program(torch.nn.Module):
             gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate :]
             hidden = hidden + self.linear(F.silu(gate) * up, f"down{index}")
         return self.linear(self.rms_norm(hidden.index_select(1, wanted), "norm"), "head")
+
+
+def stored(linear: Int8Linear | Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized layer's weights (one row per output) and scales."""
+    if isinstance(linear, Int4Linear):
+        return linear.packed, linear.scale_zero
+    return linear.weight_int8, linear.scale
 
 
 def example_inputs(program: Program, rows: int = 8, tokens: int = 2) -> tuple[Any, ...]:
@@ -212,18 +230,18 @@ def compile_program(model: Any, target: Path) -> None:
     os.replace(staging, target)
 
 
-def load_program(model: Any, model_dir: Path, cache: ModelCache) -> Any | None:
-    """The compiled program for ``model`` (compiled into the cache the first time), or None when
-    the model or the machine cannot have one."""
-    if not supports(model):
+def load_program(model: Any, model_dir: Path, dtype: str, cache: ModelCache) -> Any | None:
+    """The compiled program for ``model`` in ``dtype`` (compiled into the cache the first
+    time), or None when the model or the machine cannot have one."""
+    if not supports(model, dtype):
         return None
     if not compiler_available():
-        log.warning("no C++ compiler (c++ or $CXX): the int8 decoder runs uncompiled, slower")
+        log.warning("no C++ compiler (c++ or $CXX): the %s decoder runs uncompiled, slower", dtype)
         return None
-    target = cache.compiled_path(model_dir)
+    target = cache.compiled_path(model_dir, dtype)
     with cache.lock(f"compile-{target.name}"):
         if not target.is_file():
-            log.info("compiling the int8 decoder of %s (once; minutes)", model_dir.name)
+            log.info("compiling the %s decoder of %s (once; minutes)", dtype, model_dir.name)
             compile_program(model, target)
             log.info("compiled decoder written to %s", target)
     return torch._inductor.aoti_load_package(str(target))

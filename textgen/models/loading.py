@@ -84,7 +84,7 @@ def load_model(
     # Counted before int8 conversion, which gives a tied lm_head its own copy.
     parameters = sum(p.numel() for p in model.parameters())
     apply_dtype(model, spec.dtype, prepared.path, cache)
-    program = load_program(model, prepared.path, cache) if compiled else None
+    program = load_program(model, prepared.path, spec.dtype, cache) if compiled else None
     release_freed_memory()
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = configure_padding(tokenizer, eos_ids)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from textgen.models.architecture import llama_shaped
+from textgen.models.architecture import compilable
 from textgen.models.cache import MARKER, QUANTIZED, ModelCache, compiler_available
 from textgen.models.specs import EMBEDDED, ModelSpec
 
@@ -60,9 +60,10 @@ def is_prepared(spec: ModelSpec, cache: ModelCache, compiled: bool = False) -> b
             return False
         if spec.dtype in QUANTIZED and not cache.quantized_path(path, spec.dtype).is_file():
             return False
-        if compiled and spec.dtype == "int8" and compiler_available():
+        if compiled and spec.dtype in QUANTIZED and compiler_available():
             config = json.loads((path / "config.json").read_text())
-            return not llama_shaped(config) or cache.compiled_path(path).is_file()
+            path = cache.compiled_path(path, spec.dtype)
+            return not compilable(config, spec.dtype) or path.is_file()
         return True
     except (ModelUnavailable, OSError, ValueError):
         return False
