@@ -1,5 +1,5 @@
 # textgen on CPU. The model cache is a volume, so the GGUF conversion (or a Hub download), the
-# int8 weights and the compiled decoder are made once and survive container restarts:
+# quantized weights and the compiled decoder are made once and survive container restarts:
 #   docker build -t textgen .
 #   docker run -p 8000:8000 -v textgen-models:/models textgen
 FROM python:3.11-slim
@@ -13,7 +13,7 @@ ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL} \
     TEXTGEN_BIND=0.0.0.0:8000 \
     HF_HOME=/models/hf-home
 
-# A C++ compiler: the int8 decoder is compiled once, into the model cache (textgen/models/compiled.py).
+# A C++ compiler: the int8/int4 decoder is compiled once, into the model cache (textgen/models/compiled.py).
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

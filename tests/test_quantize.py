@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import EMBEDDED_CACHE, REPO, tiny_config
 from textgen import create_app
 from textgen.models import float16, quantize
+from textgen.models import specs as spec_module
 from textgen.models.cache import ModelCache
 from textgen.models.loading import load_model
 from textgen.models.sources import ModelUnavailable
-from textgen.models.specs import make_spec
+from textgen.models.specs import embedded_default, make_spec
 
 TEXT = (REPO / "tests" / "data" / "perplexity.txt").read_text()
 
@@ -192,11 +193,27 @@ def test_perplexity_per_dtype() -> None:
     assert perplexity("int4") == pytest.approx(reference, rel=0.01)
 
 
+def test_embedded_default_follows_the_machine(monkeypatch) -> None:
+    """Compiled int4 where Inductor's int4 template runs (AVX-512), compiled int8 on other
+    x86-64 CPUs, float16 without a compiler, int4 off x86-64."""
+    monkeypatch.setattr(spec_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(spec_module, "compiler_available", lambda: True)
+    avx512 = "avx avx2 avx512bw avx512dq avx512f avx512vl"
+    monkeypatch.setattr(spec_module, "cpu_flags", lambda: avx512)
+    assert embedded_default() == "int4"
+    monkeypatch.setattr(spec_module, "cpu_flags", lambda: "avx avx2 fma")
+    assert embedded_default() == "int8"
+    monkeypatch.setattr(spec_module, "compiler_available", lambda: False)
+    assert embedded_default() == "float16"
+    monkeypatch.setattr(spec_module.platform, "machine", lambda: "aarch64")
+    assert embedded_default() == "int4"
+
+
 def test_dtype_in_model_specs() -> None:
     from textgen.models.specs import SpecError, parse_model_specs
 
     specs = parse_model_specs("smollm2-135m-instruct,gpt2#int8,x=/m@#bfloat16")
-    assert [s.dtype for s in specs] == ["int8", "int8", "bfloat16"]  # x86-64 with a compiler
+    assert [s.dtype for s in specs] == [embedded_default(), "int8", "bfloat16"]
     assert parse_model_specs("smollm2-135m-instruct#float32")[0].dtype == "float32"
     assert parse_model_specs("gpt2")[0].dtype == "float32"
     assert parse_model_specs("gpt2#int4")[0].dtype == "int4"

@@ -1,4 +1,4 @@
-"""Parsing TEXTGEN_MODELS into model specs (pure: touches no disk, no network)."""
+"""Parsing TEXTGEN_MODELS into model specs (no model files, no network)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from textgen.models.cache import compiler_available
+from textgen.models.cache import compiler_available, cpu_flags
 
 # Models that ship inside a Python package: public name -> (import package, file in it, dist).
 EMBEDDED: dict[str, tuple[str, str, str]] = {
@@ -22,14 +22,21 @@ DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 def embedded_default() -> str:
-    """The embedded model's default weight format (bench/RESULTS.md): on x86-64 int8, whose
-    decoder is compiled (textgen/models/compiled.py; it needs a C++ compiler) and serves the
-    most tokens per second at every concurrency; without a compiler float16 (fbgemm, x86-64
-    only), the fastest uncompiled format once clients share the batch; elsewhere int4, which
-    holds this model's Q4_1 weights within 0.2% perplexity of float32."""
+    """The embedded model's default weight format (bench/RESULTS.md). On x86-64 with a C++
+    compiler, compiled (textgen/models/compiled.py): int4 where the CPU has AVX-512, which
+    Inductor's int4 GEMM template needs (5-8% more tokens/s than int8 there, and this model's
+    Q4_1 weights held within 0.2% perplexity of float32), else int8, whose template needs only
+    AVX2. Without a compiler float16 (fbgemm, x86-64 only), the fastest uncompiled format once
+    clients share the batch; elsewhere int4."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "int4"
-    return "int8" if compiler_available() else "float16"
+    if not compiler_available():
+        return "float16"
+    return "int4" if AVX512 <= set(cpu_flags().split()) else "int8"
+
+
+# The instruction sets of Inductor's AVX-512 code (its VecAVX512).
+AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
 
 
 DEFAULT_DTYPE = {"embedded": embedded_default()}
