@@ -46,14 +46,27 @@ def supports(model: Any, dtype: str) -> bool:
     if not compilable(model.config, dtype):
         return False
     kind = Int4Linear if dtype == "int4" else Int8Linear
-    projections = []
-    for layer in model.model.layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        projections += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-        projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    projections = [
+        linear
+        for layer in model.model.layers
+        for group in projection_groups(layer).values()
+        for linear in group
+    ]
     return isinstance(model.lm_head, Int8Linear) and all(
         isinstance(linear, kind) for linear in projections
     )
+
+
+def projection_groups(layer: Any) -> dict[str, tuple[Any, ...]]:
+    """A decoder layer's projections, grouped as the program runs them: layers that read the
+    same input are one matmul (q/k/v, gate/up)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return {
+        "qkv": (attention.q_proj, attention.k_proj, attention.v_proj),
+        "o": (attention.o_proj,),
+        "gate_up": (mlp.gate_proj, mlp.up_proj),
+        "down": (mlp.down_proj,),
+    }
 
 
 class Program(torch.nn.Module):
@@ -82,11 +95,8 @@ class Program(torch.nn.Module):
         self.intermediate: int = int(config.intermediate_size)
         self.layer_count = len(model.model.layers)
         for index, layer in enumerate(model.model.layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            self.fuse(f"qkv{index}", attention.q_proj, attention.k_proj, attention.v_proj)
-            self.fuse(f"o{index}", attention.o_proj)
-            self.fuse(f"gate_up{index}", mlp.gate_proj, mlp.up_proj)
-            self.fuse(f"down{index}", mlp.down_proj)
+            for name, group in projection_groups(layer).items():
+                self.fuse(f"{name}{index}", *group)
             post = layer.post_attention_layernorm
             self.register_buffer(f"norm_in{index}", layer.input_layernorm.weight.detach())
             self.register_buffer(f"norm_post{index}", post.weight.detach())
