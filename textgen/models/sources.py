@@ -62,8 +62,8 @@ def is_prepared(spec: ModelSpec, cache: ModelCache, compiled: bool = False) -> b
             return False
         if compiled and spec.dtype in QUANTIZED and compiler_available():
             config = json.loads((path / "config.json").read_text())
-            path = cache.compiled_path(path, spec.dtype)
-            return not compilable(config, spec.dtype) or path.is_file()
+            package = cache.compiled_path(path, spec.dtype)
+            return not compilable(config, spec.dtype) or package.is_file()
         return True
     except (ModelUnavailable, OSError, ValueError):
         return False

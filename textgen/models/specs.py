@@ -21,6 +21,10 @@ _SPEC_KEYS = {"name", "source", "revision", "trust_remote_code", "dtype"}
 DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
+# The instruction sets of Inductor's AVX-512 code (its VecAVX512).
+AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
+
+
 def embedded_default() -> str:
     """The embedded model's default weight format (bench/RESULTS.md). On x86-64 with a C++
     compiler, compiled (textgen/models/compiled.py): int4 where the CPU has AVX-512, which
@@ -33,10 +37,6 @@ def embedded_default() -> str:
     if not compiler_available():
         return "float16"
     return "int4" if AVX512 <= set(cpu_flags().split()) else "int8"
-
-
-# The instruction sets of Inductor's AVX-512 code (its VecAVX512).
-AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
 
 
 DEFAULT_DTYPE = {"embedded": embedded_default()}
