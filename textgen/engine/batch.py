@@ -167,11 +167,18 @@ class RunningBatch:
             tokens = self.check_draft(self.sequences[0], draft)
         else:
             ids = torch.tensor([[s.next_input] for s in self.sequences])
-            positions = self.mask.sum(-1, keepdim=True)
-            self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
+            positions = self.grow(1)
             self.advance(self.sequences, self.decode(ids, positions, self.mask, self.cache))
             tokens = rows
         self.metrics.step(rows, tokens, time.perf_counter() - started)
+
+    def grow(self, count: int) -> torch.Tensor:
+        """Give every row ``count`` new columns in the mask; the positions of the new tokens
+        [rows, count] (each row's position continues from its own unpadded length)."""
+        assert self.mask is not None
+        positions = self.mask.sum(-1, keepdim=True) + torch.arange(count)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], count)], dim=1)
+        return positions
 
     def draft_for(self, sequence: Sequence) -> list[int]:
         """The tokens guessed to follow ``sequence`` (none unless it is plain greedy without
@@ -194,8 +201,7 @@ class RunningBatch:
         start = self.mask.shape[1]
         count = len(draft) + 1
         ids = torch.tensor([[sequence.next_input, *draft]])
-        positions = self.mask.sum(-1, keepdim=True) + torch.arange(count)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(1, count)], dim=1)
+        positions = self.grow(count)
         picks = self.decode.every(ids, positions, self.mask, self.cache)[0].argmax(-1).tolist()
         self.metrics.count("draft_tokens", len(draft))
         now = time.perf_counter()
