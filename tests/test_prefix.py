@@ -64,6 +64,14 @@ def engine_counters(app: Flask) -> dict[str, Any]:
     return info["engines"]["tiny-llama"]  # type: ignore[no-any-return]
 
 
+def wait_until_running(app: Flask) -> None:
+    """Until the engine has a row decoding (at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while engine_counters(app)["running"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize(
     ("model", "dtype", "base", "more"),
     [
@@ -118,10 +126,7 @@ def test_a_continuing_prompt_joins_rows_already_decoding(model_dirs, tmp_path) -
         target=lambda: result.update(r=reusing.test_client().post("/generate", json=long_body))
     )
     thread.start()
-    deadline = time.monotonic() + 60
-    while engine_counters(reusing)["running"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until_running(reusing)
     cached_before = engine_counters(reusing)["prompt_tokens_cached"]
     assert greedy(reusing, longer) == greedy(scratch, longer)
     assert engine_counters(reusing)["prompt_tokens_cached"] > cached_before
@@ -167,10 +172,7 @@ def test_prompts_continuing_different_prefixes_together(model_dirs, tmp_path) ->
         )
     )
     busy.start()  # a running batch, so the prompts below queue and are admitted together
-    deadline = time.monotonic() + 60
-    while engine_counters(reusing)["running"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until_running(reusing)
     results = [text(r) for r in concurrently(reusing, [greedy_body(p) for p in prompts])]
     busy.join(120)
     assert results == [greedy(scratch, prompt) for prompt in prompts]
