@@ -276,3 +276,6 @@ def test_drafts_checked_in_one_step(
     off = create_app(int8_config(model_dirs, compiled_cache, DRAFT_TOKENS=0))
     post(off, {**base, "strategy": "greedy"})
     assert off.extensions["textgen.registry"].engine(None).metrics.snapshot()["draft_tokens"] == 0
+    for bad in (17, -1, "three"):
+        with pytest.raises(ConfigError, match="TEXTGEN_DRAFT_TOKENS"):
+            create_app(int8_config(model_dirs, compiled_cache, DRAFT_TOKENS=bad))
