@@ -88,7 +88,7 @@ def test_stop_fails_unfinished_work_and_ends_the_thread(model_dirs, tmp_path) ->
 
     from tests.conftest import tiny_config
     from textgen import create_app
-    from textgen.engine.sequence import Failed
+    from textgen.engine.events import Failed
     from textgen.generation.prompts import PromptInput
     from textgen.generation.strategies import resolve_params
 
@@ -136,17 +136,17 @@ def test_back_to_back_requests_never_see_a_stale_full_queue(
     """A request's slot is free by the time its response arrives."""
     from tests.conftest import tiny_config
     from textgen import create_app
-    from textgen.engine.scheduler import Engine
+    from textgen.engine.batch import RunningBatch
 
     app = create_app(tiny_config(model_dirs, tmp_path, MAX_QUEUE=1))
-    real_evict = Engine._evict
+    real_evict = RunningBatch.evict
 
-    def slow_evict(self: Engine) -> None:
+    def slow_evict(self: RunningBatch) -> None:
         # Bookkeeping after the last token: the client already has its response by now.
         time.sleep(0.05)
         real_evict(self)
 
-    monkeypatch.setattr(Engine, "_evict", slow_evict)
+    monkeypatch.setattr(RunningBatch, "evict", slow_evict)
     client = app.test_client()
     for i in range(10):
         response = client.post("/generate", json={"prompt": f"Hello {i}", "max_new_tokens": 2})

@@ -126,4 +126,8 @@ def test_beam_search_runs_through_the_engine(embedded_app: Flask) -> None:
         },
     )
     assert len(body["results"][0]["outputs"]) == 2
+    # Its rows leave the batch right after the response is sent.
+    deadline = time.monotonic() + 10
+    while metrics(embedded_app)["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert metrics(embedded_app)["running"] == 0

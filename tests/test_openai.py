@@ -173,6 +173,11 @@ def test_chat_completion_whole_and_streamed(client: openai.OpenAI) -> None:
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
     ]
+    # Once before, so both requests below continue the same prompt from the prefix cache
+    # and report the same cached tokens (whichever test ran before).
+    client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=10, temperature=0
+    )
     whole = client.chat.completions.create(
         model="tiny-llama", messages=messages, max_tokens=10, temperature=0
     )

@@ -85,16 +85,16 @@ def test_multibyte_characters_are_never_split(client: FlaskClient) -> None:
 
 
 def test_pings_while_waiting(model_dirs, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from textgen.engine.scheduler import Engine
+    from textgen.engine.batch import RunningBatch
 
     app = create_app(tiny_config(model_dirs, tmp_path, STREAM_PING_S=0.05))
-    real_prefill = Engine._prefill
+    real_prefill = RunningBatch.prefill_next
 
-    def slow_prefill(self: Engine, sequences: Any) -> None:
+    def slow_prefill(self: RunningBatch) -> None:
         time.sleep(0.5)
-        real_prefill(self, sequences)
+        real_prefill(self)
 
-    monkeypatch.setattr(Engine, "_prefill", slow_prefill)
+    monkeypatch.setattr(RunningBatch, "prefill_next", slow_prefill)
     events, _ = read_stream(app.test_client(), prompt="Hi", max_new_tokens=3)
     assert events[0] == "ping"
     assert events[-1] == "[DONE]"
@@ -103,12 +103,12 @@ def test_pings_while_waiting(model_dirs, tmp_path, monkeypatch: pytest.MonkeyPat
 def test_error_after_start_is_an_event_then_done(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from textgen.engine.scheduler import Engine
+    from textgen.engine.batch import RunningBatch
 
-    def broken_step(self: Engine) -> None:
+    def broken_step(self: RunningBatch) -> None:
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(Engine, "_step", broken_step)
+    monkeypatch.setattr(RunningBatch, "step", broken_step)
     events, response = read_stream(client, prompt="Hi", max_new_tokens=10)
     assert response.status_code == 200
     assert events[-1] == "[DONE]"

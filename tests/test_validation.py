@@ -116,12 +116,12 @@ def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
 def test_unexpected_failure_is_a_json_500_without_traceback(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from textgen.engine.scheduler import Engine
+    from textgen.engine.batch import RunningBatch
 
-    def explode(self: Engine, sequences: Any) -> None:
+    def explode(self: RunningBatch, job: Any) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(Engine, "_prefill", explode)
+    monkeypatch.setattr(RunningBatch, "run_chunk", explode)
     response = client.post("/generate", json={"prompt": "Hi"})
     error = assert_error(response, 500)
     assert "secret" not in response.get_data(as_text=True)

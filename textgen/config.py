@@ -43,6 +43,9 @@ class Settings:
     max_queue_tokens: int
     prefix_cache_tokens: int
     draft_tokens: int
+    prefill_chunk_tokens: int
+    max_schema_bytes: int
+    grammar_timeout: float
     max_timeout: float
     stream_ping_s: float
     hub_probe_timeout: float
@@ -104,6 +107,9 @@ class SettingsSchema(Schema):
     MAX_QUEUE_TOKENS = f.Integer(load_default=1 << 18, validate=validate.Range(min=1))
     PREFIX_CACHE_TOKENS = f.Integer(load_default=1024, validate=validate.Range(min=0))
     DRAFT_TOKENS = f.Integer(load_default=3, validate=validate.Range(min=0, max=16))
+    PREFILL_CHUNK_TOKENS = f.Integer(load_default=256, validate=validate.Range(min=16))
+    MAX_SCHEMA_BYTES = f.Integer(load_default=65536, validate=validate.Range(min=256))
+    GRAMMAR_TIMEOUT = f.Float(load_default=10.0, validate=validate.Range(min=0.1, max=600))
     MAX_TIMEOUT = f.Float(load_default=600.0, validate=validate.Range(min=0.1))
     STREAM_PING_S = f.Float(load_default=5.0, validate=validate.Range(min=0.05, max=300))
     HUB_PROBE_TIMEOUT = f.Float(load_default=3.0, validate=validate.Range(min=0.1, max=120))

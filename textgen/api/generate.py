@@ -13,7 +13,8 @@ from flask import Blueprint, Response, jsonify, request
 from textgen.api import current_registry
 from textgen.api.schemas import GenerateRequest, GenerateSchema, load_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
-from textgen.engine.sequence import Delta, Finished, RequestHandle
+from textgen.engine.events import Delta, Finished
+from textgen.engine.request import RequestHandle
 from textgen.engine.submission import Submission
 
 bp = Blueprint("generate", __name__)
@@ -49,7 +50,7 @@ def stream_generation(
     def on_finish(handle: RequestHandle, event: Finished) -> dict[str, Any]:
         return output_key(handle, event) | {
             "text": "",
-            "finish_reason": event.finish_reason,
+            "finish_reason": event.finish_reason.value,
             "completion_tokens": event.completion_tokens,
         }
 
@@ -98,7 +99,7 @@ def result_body(handle: RequestHandle, submission: Submission) -> dict[str, Any]
                 "prompt_index": f.prompt_index,
                 "index": f.index,
                 "text": f.text,
-                "finish_reason": f.finish_reason,
+                "finish_reason": f.finish_reason.value,
                 "completion_tokens": f.completion_tokens,
             }
             for f in outputs

@@ -11,9 +11,10 @@ from typing import Any
 
 from flask import Response
 
-from textgen.api.errors import GenerationFailed
-from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
-from textgen.engine.submission import Event, Submission
+from textgen.api.errors import APIError, GenerationFailed, InvalidRequest
+from textgen.engine.events import Delta, Event, Failed, Finished
+from textgen.engine.request import RequestHandle
+from textgen.engine.submission import Submission
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -31,10 +32,18 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def sse_error(message: str) -> str:
+def sse_error(failed: Failed) -> str:
     """The event that reports a failure after a stream has started."""
-    error = {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}
+    kind = "invalid_request_error" if failed.client_error else "server_error"
+    error = {"message": failed.message, "type": kind, "param": failed.param, "code": failed.code}
     return sse({"error": error})
+
+
+def failure(failed: Failed) -> APIError:
+    """The error a whole (non-streamed) response gives for a failed request."""
+    if failed.client_error:
+        return InvalidRequest(failed.message, failed.param, failed.code)
+    return GenerationFailed(failed.message, code=failed.code)
 
 
 def sse_response(events: Any) -> Response:
@@ -93,7 +102,7 @@ def wait_for(submission: Submission, sock: socket.socket | None) -> bool:
     """Wait until every output finished (True), or the client left (False)."""
     for item in follow(submission, sock):
         if not isinstance(item, str) and isinstance(item[1], Failed):
-            raise GenerationFailed(item[1].message, code="generation_failed")
+            raise failure(item[1])
     return submission.done
 
 
@@ -128,7 +137,7 @@ def stream_events(
             elif isinstance(event, Finished):
                 yield sse(on_finish(handle, event))
             elif isinstance(event, Failed):
-                yield sse_error(event.message)
+                yield sse_error(event)
                 yield DONE
                 return
         if not submission.done:

@@ -1,58 +1,71 @@
-"""The running batch: the sequences decoded together, their KV cache rows and attention mask."""
+"""The running batch: the rows decoded together, their KV cache rows and attention mask."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from functools import partial
 from typing import Any
 
 import torch
 
+from textgen.engine.beams import BeamSearch
 from textgen.engine.compiled import CompiledForward
 from textgen.engine.decode import DecodeStep, decode_step_for
 from textgen.engine.detokenize import IncrementalDetokenizer
 from textgen.engine.draft import NgramDraft
+from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.kvcache import BatchCache, merge_masks
-from textgen.engine.logprobs import record_prompt_logprobs, token_logprob
+from textgen.engine.logprobs import token_logprob
 from textgen.engine.metrics import EngineMetrics
-from textgen.engine.prefix import LayerKV, PrefixCache
+from textgen.engine.prefill import Prefill
+from textgen.engine.prefix import PrefixCache
+from textgen.engine.request import RequestHandle, Unit
 from textgen.engine.sampling import TokenChooser
-from textgen.engine.sequence import RequestHandle, Sequence, TokenLogprob
-from textgen.generation.runner import ModelRunner
+from textgen.engine.sequence import BeamRow, Row, Sequence
+from textgen.errors import RequestRejected
+from textgen.generation.finish import StoppingCriteria
 from textgen.generation.stopping import StopSequenceMatcher
+from textgen.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
-def new_sequences(handle: RequestHandle, runner: ModelRunner) -> list[Sequence]:
-    """One Sequence per output a request asks for (each prompt x num_return_sequences)."""
-    loaded = runner.loaded
+def unit_rows(handle: RequestHandle, unit: Unit, loaded: LoadedModel) -> list[Row]:
+    """The rows of one unit of a request: an output's Sequence, or a prompt's first beam (its
+    search widens it to num_beams rows at the first step)."""
     params = handle.job.params
     assert params.max_new_tokens is not None
+    prompt = handle.job.encoded[unit.prompt_index]
 
     def decode(ids: list[int]) -> str:
         return str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
 
     eos = frozenset() if params.ignore_eos else frozenset(loaded.eos_token_ids)
+    criteria = StoppingCriteria(eos, params.max_new_tokens, StopSequenceMatcher(params.stop))
+    if params.num_beams > 1:
+        search = BeamSearch(prompt, params, criteria, decode)
+        return [BeamRow(handle, unit.prompt_index, prompt, search=search)]
+    chooser = TokenChooser(
+        params, unit.index, len(prompt), eos, handle.job.grammar, params.max_new_tokens
+    )
     return [
         Sequence(
-            handle=handle,
-            prompt_index=prompt_index,
-            index=index,
-            prompt=prompt,
-            chooser=TokenChooser(
-                params, index, len(prompt), eos, handle.job.grammar, params.max_new_tokens
-            ),
+            handle,
+            unit.prompt_index,
+            prompt,
+            index=unit.index,
+            chooser=chooser,
             detokenizer=IncrementalDetokenizer(decode),
-            matcher=StopSequenceMatcher(params.stop),
-            eos=eos,
-            budget=params.max_new_tokens,
+            criteria=criteria,
         )
-        for prompt_index, prompt in enumerate(handle.job.encoded)
-        for index in range(params.num_return_sequences)
     ]
 
 
 class RunningBatch:
-    """Rows of the batch, in the same order as the KV cache's and the mask's rows."""
+    """Rows of the batch, in the same order as the KV cache's and the mask's rows, and the
+    prefills of rows about to join."""
 
     def __init__(
         self,
@@ -62,6 +75,7 @@ class RunningBatch:
         prefixes: PrefixCache | None = None,
         program: Any = None,
         draft_tokens: int = 0,
+        chunk_tokens: int = 256,
     ) -> None:
         self.prefixes = prefixes
         # transformers' forward: prefills without a compiled decoder, and prompts whose every
@@ -74,79 +88,121 @@ class RunningBatch:
         # A lone greedy row checks up to this many tokens guessed from its text per step (the
         # compiled decoder does a few tokens of one row in little more than the time of one).
         self.draft_tokens = draft_tokens if compiled is not None else 0
+        self.chunk_tokens = chunk_tokens
         self.pad_token_id = pad_token_id
         self.metrics = metrics
-        self.sequences: list[Sequence] = []
+        self.rows: list[Row] = []
         self.cache: BatchCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
+        self.prefilling: deque[Prefill] = deque()
+        self.departed: list[Row] = []  # rows that left since the engine last looked
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        return len(self.rows)
+
+    @property
+    def occupied(self) -> int:
+        """Rows decoding or being prefilled (a prompt's beams count in full)."""
+        waiting = sum(
+            row.handle.job.params.num_beams for job in self.prefilling for row in job.rows
+        )
+        return len(self.rows) + waiting
+
+    def holds(self, handle: RequestHandle) -> bool:
+        """Whether any of the request's rows is decoding or being prefilled."""
+        return any(row.handle is handle for row in self.rows) or any(
+            row.handle is handle for job in self.prefilling for row in job.rows
+        )
 
     def clear(self) -> None:
-        self.sequences, self.cache, self.mask = [], None, None
+        """Drop every row and prefill (after an unexpected error in a decode step)."""
+        self.departed.extend(self.rows)
+        self.departed.extend(row for job in self.prefilling for row in job.rows)
+        self.rows, self.cache, self.mask = [], None, None
+        self.prefilling.clear()
 
-    def add(self, sequences: list[Sequence]) -> None:
-        """Run the new prompts, then add them to the batch: prompts whose start is in the
-        prefix cache compute only the rest, together; the others run together, whole."""
+    # --- prefills ------------------------------------------------------------------------
+    def start(self, rows: list[Row]) -> None:
+        """Queue new rows for their prefill: prompts whose start is in the prefix cache
+        compute only the rest, together; the others together, whole."""
         fresh, continuing, hits = [], [], []
-        for sequence in sequences:
+        for row in rows:
             # Echoed prompts want logprobs for every prompt position, so run whole.
             hit = None
-            if self.prefixes is not None and not sequence.handle.job.params.prompt_logprobs:
-                hit = self.prefixes.match(sequence.prompt)
+            if self.prefixes is not None and not row.handle.job.params.prompt_logprobs:
+                hit = self.prefixes.match(row.prompt)
             if hit is None:
-                fresh.append(sequence)
+                fresh.append(row)
             else:
-                continuing.append(sequence)
+                continuing.append(row)
                 hits.append(hit)
-        if fresh:
-            self.prefill(fresh, [0] * len(fresh), [])
-        if continuing:
-            self.prefill(continuing, [n for n, _ in hits], [kv for _, kv in hits])
-
-    def prefill(self, sequences: list[Sequence], reused: list[int], kept: list[LayerKV]) -> None:
-        """Run each prompt's tokens after its ``reused`` first ones, whose keys and values
-        ``kept`` holds, all in one call: the kept columns right-aligned in ``past`` columns, the
-        rest left-padded after them (with nothing kept: whole prompts, left-padded)."""
-        rest = [len(s.prompt) - n for s, n in zip(sequences, reused, strict=True)]
-        past, new = max(reused), max(rest)
-        cache = BatchCache.right_aligned(kept, reused, past, room=new) if past else BatchCache()
-        rows = list(zip(sequences, reused, rest, strict=True))
         pad = self.pad_token_id
-        ids = torch.tensor([[pad] * (new - r) + s.prompt[n:] for s, n, r in rows])
-        mask = torch.tensor(
-            [[0] * (past - n) + [1] * n + [0] * (new - r) + [1] * r for _, n, r in rows]
-        )
-        positions = torch.tensor([[0] * (new - r) + list(range(n, n + r)) for _, n, r in rows])
-        # Logits for every prompt position only when a request wants its prompt's logprobs
-        # (such prompts are never continued, so then past is 0 and the logits cover them).
-        echo = any(s.handle.job.params.prompt_logprobs for s in sequences)
-        if echo:
-            every = self.transformers.forward(ids, positions, mask, cache, logits_to_keep=0)
-            record_prompt_logprobs(sequences, every, new)
+        if fresh:
+            self.prefilling.append(Prefill.build(fresh, [0] * len(fresh), [], pad))
+        if continuing:
+            kept = [kv for _, kv in hits]
+            self.prefilling.append(Prefill.build(continuing, [n for n, _ in hits], kept, pad))
+
+    def prefill_next(self) -> None:
+        """One chunk of the prefill whose turn it is (they take turns, so a short prompt is not
+        stuck behind a long one); a complete prefill's rows join the batch.
+
+        A failure stays with the requests in that prefill: one request's prefill that fails
+        fails it alone; several together are tried again one request at a time.
+        """
+        job = self.prefilling.popleft()
+        if all(row.handle.abandoned for row in job.rows):
+            self.departed.extend(job.rows)
+            return
+        try:
+            logits = self.run_chunk(job)
+        except Exception as exc:
+            handles = {row.handle for row in job.rows}
+            if len(handles) > 1:
+                log.warning("a prefill of %d requests failed; retrying each alone", len(handles))
+                self.prefilling.extendleft(reversed(job.split(self.pad_token_id)))
+                return
+            log.exception("a prefill failed")
+            fail(job.rows[0].handle, exc)
+            self.departed.extend(job.rows)
+            return
+        if not job.complete:
+            self.prefilling.append(job)
+            return
+        self.finish_prefill(job, logits)
+
+    def run_chunk(self, job: Prefill) -> torch.Tensor:
+        """Compute the job's next columns; the logits of its last position [rows, vocab]."""
+        start, end = job.next_columns(self.chunk_tokens)
+        ids, positions = job.ids[:, start:end], job.positions[:, start:end]
+        mask = job.mask[:, : job.past + end]
+        if job.echo:
+            every = self.transformers.forward(ids, positions, mask, job.cache, logits_to_keep=0)
+            job.record_logprobs(every, start)
             logits = every[:, -1, :]
         else:
-            logits = self.forward(ids, positions, mask, cache)
-        if past:
-            self.metrics.count("prompt_tokens_cached", sum(reused))
-            for sequence, n in zip(sequences, reused, strict=True):
-                sequence.handle.cached_tokens[sequence.prompt_index] = n
+            logits = self.forward(ids, positions, mask, job.cache)
+        job.done = end
+        return logits
+
+    def finish_prefill(self, job: Prefill, logits: torch.Tensor) -> None:
+        if job.past:
+            self.metrics.count("prompt_tokens_cached", sum(job.reused))
+            for row, n in zip(job.rows, job.reused, strict=True):
+                row.handle.cached_tokens[row.prompt_index] = n
         if self.prefixes is not None:
-            for row, (sequence, n, r) in enumerate(rows):
+            past, new = job.past, job.width
+            for number, (row, n) in enumerate(zip(job.rows, job.reused, strict=True)):
+                r = len(row.prompt) - n
                 # The kept columns, then the computed ones (the gap between is padding).
                 columns = torch.cat(
                     [torch.arange(past - n, past), torch.arange(past + new - r, past + new)]
                 )
-                self.prefixes.store(sequence.prompt, partial(cache.copy_row, row, columns))
-        self.join(sequences, cache, mask, logits)
+                self.prefixes.store(row.prompt, partial(job.cache.copy_row, number, columns))
+        self.join(job.rows, job.cache, job.mask, logits)
 
     def join(
-        self,
-        sequences: list[Sequence],
-        cache: BatchCache,
-        mask: torch.Tensor,
-        logits: torch.Tensor,
+        self, rows: list[Row], cache: BatchCache, mask: torch.Tensor, logits: torch.Tensor
     ) -> None:
         """Add prefilled rows below the running ones, and choose their first tokens."""
         if self.cache is None or self.mask is None:
@@ -154,21 +210,24 @@ class RunningBatch:
         else:
             self.cache.extend(cache)
             self.mask = merge_masks(self.mask, mask)
-        self.sequences.extend(sequences)
-        self.advance(sequences, logits)
+        self.rows.extend(rows)
+        self.advance(rows, logits)
 
+    # --- decode steps --------------------------------------------------------------------
     def step(self) -> None:
         """One decode step for every row; a lone greedy row may check a draft in it."""
         assert self.cache is not None and self.mask is not None
         started = time.perf_counter()
-        rows = len(self.sequences)
-        draft = self.draft_for(self.sequences[0]) if rows == 1 else []
+        rows = len(self.rows)
+        lone = self.rows[0] if rows == 1 else None
+        draft = self.draft_for(lone) if isinstance(lone, Sequence) else []
         if draft:
-            tokens = self.check_draft(self.sequences[0], draft)
+            assert isinstance(lone, Sequence)
+            tokens = self.check_draft(lone, draft)
         else:
-            ids = torch.tensor([[s.next_input] for s in self.sequences])
+            ids = torch.tensor([[row.next_input] for row in self.rows])
             positions = self.grow(1)
-            self.advance(self.sequences, self.decode(ids, positions, self.mask, self.cache))
+            self.advance(self.rows, self.decode(ids, positions, self.mask, self.cache))
             tokens = rows
         self.metrics.step(rows, tokens, time.perf_counter() - started)
 
@@ -185,7 +244,7 @@ class RunningBatch:
         logprobs, has a compiled decoder, and may take more than one token)."""
         room = min(self.draft_tokens, sequence.budget - len(sequence.generated) - 1)
         logprobs = sequence.handle.job.params.logprobs
-        if room < 1 or not sequence.chooser.is_plain_greedy or logprobs is not None:
+        if room < 1 or not sequence.plain_greedy or logprobs is not None:
             return []
         if sequence.drafts is None:
             sequence.drafts = NgramDraft()
@@ -218,39 +277,121 @@ class RunningBatch:
         self.mask = self.mask[:, : start + taken]
         return taken
 
-    def advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose each sequence's next token (one argmax for all plain-greedy rows)."""
-        now = time.perf_counter()
-        greedy = [i for i, s in enumerate(sequences) if s.chooser.is_plain_greedy]
-        choices: dict[int, int] = {}
-        if greedy:
-            rows = logits if len(greedy) == len(sequences) else logits[greedy]  # no copy if all
-            picks = rows.argmax(dim=-1).tolist()
-            choices = dict(zip(greedy, picks, strict=True))
-        for row, sequence in enumerate(sequences):
-            token = choices.get(row)
-            if token is None:
-                token = sequence.chooser.choose(sequence.history(), logits[row])
-            wanted = sequence.handle.job.params.logprobs
-            logprob = None if wanted is None else token_logprob(logits[row], token, wanted)
-            self.take(sequence, token, logprob, now)
+    def advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token (one argmax for all plain-greedy rows; a beam search
+        for its rows together). ``rows`` are the last rows of the batch, ``logits`` theirs.
 
-    def take(
-        self, sequence: Sequence, token: int, logprob: TokenLogprob | None, now: float
-    ) -> None:
-        """Give ``sequence`` its next token, chosen at ``now``."""
-        handle = sequence.handle
+        Whatever goes wrong in one row's choice ends that row's request alone.
+        """
+        now = time.perf_counter()
+        offset = len(self.rows) - len(rows)
+        plain = [i for i, row in enumerate(rows) if isinstance(row, Sequence) and row.plain_greedy]
+        picks: dict[int, int] = {}
+        if plain:
+            chosen = logits if len(plain) == len(rows) else logits[plain]  # no copy if all
+            picks = dict(zip(plain, chosen.argmax(dim=-1).tolist(), strict=True))
+        searches: dict[int, list[int]] = {}
+        for number, row in enumerate(rows):
+            if isinstance(row, BeamRow):
+                searches.setdefault(id(row.search), []).append(number)
+                continue
+            assert isinstance(row, Sequence)
+            if row.handle.abandoned:
+                continue
+            try:
+                token = picks.get(number)
+                if token is None:
+                    assert row.chooser is not None
+                    token = row.chooser.choose(row.history(), logits[number])
+                wanted = row.handle.job.params.logprobs
+                logprob = None if wanted is None else token_logprob(logits[number], token, wanted)
+                self.take(row, token, logprob, now)
+            except Exception as exc:
+                fail(row.handle, exc)
+        if searches:
+            self.advance_beams(rows, logits, searches, offset, now)
+
+    def take(self, row: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        """Give ``row`` its next token, chosen at ``now``."""
+        self.note_token(row, now)
+        row.accept(token, now > row.handle.deadline, logprob)
+        row.handle.generated += 1
+
+    def note_token(self, row: Row, now: float) -> None:
+        handle = row.handle
         if handle.first_token is None:
             handle.first_token = now
             self.metrics.observe("time_to_first_token_s", now - handle.created)
-        if sequence.last_token_at is not None:
-            self.metrics.observe("inter_token_s", now - sequence.last_token_at)
-        sequence.last_token_at = now
-        sequence.accept(token, logprob)
-        handle.generated += 1
-        if sequence.finish_reason is None and now > handle.deadline:
-            sequence.finish("time_limit")
+        if row.last_token_at is not None:
+            self.metrics.observe("inter_token_s", now - row.last_token_at)
+        row.last_token_at = now
 
+    def advance_beams(
+        self,
+        rows: list[Row],
+        logits: torch.Tensor,
+        searches: dict[int, list[int]],
+        offset: int,
+        now: float,
+    ) -> None:
+        """One step of each beam search among ``rows``; its rows are replaced by the beams
+        that go on (the cache rows of the beams they continue, copied)."""
+        order = list(range(offset))
+        replaced: list[Row] = []
+        for number, row in enumerate(rows):
+            if not isinstance(row, BeamRow):
+                order.append(offset + number)
+                replaced.append(row)
+                continue
+            group = searches.pop(id(row.search), None)
+            if group is None:
+                continue  # a later row of a search already stepped
+            new = self.step_search(row, [rows[i] for i in group], logits[group], now)
+            if new is None:  # ended (or failed): the old rows stay, to leave at eviction
+                order.extend(offset + i for i in group)
+                replaced.extend(rows[i] for i in group)
+                continue
+            order.extend(offset + group[parent] for parent, _ in new)
+            replaced.extend(beam for _, beam in new)
+        assert self.cache is not None and self.mask is not None
+        if order != list(range(len(self.rows))):
+            self.cache.keep_rows(order)
+            self.mask = self.mask[order]
+        self.rows = self.rows[:offset] + replaced
+
+    def step_search(
+        self, first: BeamRow, group: list[Row], logits: torch.Tensor, now: float
+    ) -> list[tuple[int, BeamRow]] | None:
+        """A search's next beams as (row it continues, new row), or None once it ended."""
+        search, handle = first.search, first.handle
+        assert search is not None
+        if handle.abandoned:
+            return None
+        try:
+            self.note_token(first, now)
+            expired = now > handle.deadline
+            step = search.step(logits, expired)
+            handle.generated += len(group)
+            if search.done:
+                self.post_beams(handle, first.prompt_index, search, expired)
+                return None
+        except Exception as exc:
+            fail(handle, exc)
+            return None
+        return [
+            (parent, BeamRow(handle, first.prompt_index, first.prompt, token, search=search))
+            for parent, token in zip(step.parents, step.tokens, strict=True)
+        ]
+
+    def post_beams(
+        self, handle: RequestHandle, prompt_index: int, search: BeamSearch, expired: bool
+    ) -> None:
+        """A finished search's outputs: each its whole text, then its end."""
+        for index, (text, reason, count) in enumerate(search.outputs(expired)):
+            handle.post(Delta(prompt_index, index, text))
+            handle.post(Finished(prompt_index, index, text, reason, count))
+
+    # --- leaving -------------------------------------------------------------------------
     def remember_finished(self, row: int, sequence: Sequence) -> None:
         """Keep a finished row's prompt and output (all but the last token, which was chosen
         but never run) for reuse: the next turn of a chat starts with them."""
@@ -260,31 +401,35 @@ class RunningBatch:
         if len(columns) == len(tokens):
             self.prefixes.store(tokens, partial(self.cache.copy_row, row, columns))
 
-    def evict(self) -> list[Sequence]:
-        """Remove finished and cancelled rows (returned); drop cache columns no row needs."""
+    def evict(self) -> None:
+        """Remove rows that ended (to ``departed``); drop cache columns no row needs."""
+        if not self.rows:
+            return
         assert self.cache is not None and self.mask is not None
-        keep, gone = [], []
-        for row, sequence in enumerate(self.sequences):
-            if sequence.handle.cancelled and sequence.finish_reason is None:
-                sequence.finish_reason = "cancelled"
-            if sequence.finish_reason is None:
-                keep.append(row)
-            else:
-                gone.append(sequence)
-        if not gone:
-            return gone
+        keep = [number for number, row in enumerate(self.rows) if not row.ended]
+        if len(keep) == len(self.rows):
+            return
         if self.prefixes is not None:
-            for row, sequence in enumerate(self.sequences):
-                if sequence.finish_reason not in (None, "cancelled"):
-                    self.remember_finished(row, sequence)
+            for number, row in enumerate(self.rows):
+                if isinstance(row, Sequence) and row.ended and not row.handle.abandoned:
+                    self.remember_finished(number, row)
+        self.departed.extend(row for row in self.rows if row.ended)
         if not keep:
-            self.clear()
-            return gone
-        self.sequences = [self.sequences[row] for row in keep]
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        self.rows = [self.rows[number] for number in keep]
         self.cache.keep_rows(keep)
         self.mask = self.mask[keep]
         unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
         if unused:
             self.cache.drop_leading(unused)
             self.mask = self.mask[:, unused:]
-        return gone
+
+
+def fail(handle: RequestHandle, exc: Exception) -> None:
+    """End one request after an error in its own work: a 400 when the request caused it."""
+    if isinstance(exc, RequestRejected):
+        handle.fail(str(exc), True, exc.code or "invalid_request", exc.param)
+        return
+    log.error("request %s failed: %r", handle.id, exc, exc_info=exc)
+    handle.fail(f"generation failed: {type(exc).__name__}")

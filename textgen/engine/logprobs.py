@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from textgen.engine.sequence import Sequence, TokenLogprob
+from textgen.engine.events import TokenLogprob
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -17,19 +17,16 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), best)
 
 
-def record_prompt_logprobs(sequences: list[Sequence], logits: torch.Tensor, width: int) -> None:
-    """Each prompt token's logprob given the tokens before it (the first has none)."""
-    seen: set[tuple[int, int]] = set()
-    for row, sequence in enumerate(sequences):
-        handle = sequence.handle
-        key = (id(handle), sequence.prompt_index)
-        if not handle.job.params.prompt_logprobs or key in seen:
-            continue
-        seen.add(key)
-        start = width - len(sequence.prompt)
-        top = handle.job.params.logprobs or 0
-        entries: list[TokenLogprob | None] = [None]
-        for position in range(1, len(sequence.prompt)):
-            token = sequence.prompt[position]
-            entries.append(token_logprob(logits[row, start + position - 1], token, top))
-        handle.prompt_logprobs[sequence.prompt_index] = entries
+def following_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each of ``tokens``' logprob under the logits of the position before it ([n, vocab], one
+    row per token), and the ``top`` likeliest there: all rows at once."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(tokens, dtype=torch.long)
+    chosen = logprobs.gather(1, target[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(t, c) for t, c in zip(tokens, chosen, strict=True)]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [
+        TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
+        for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist(), strict=True)
+    ]

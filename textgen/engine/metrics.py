@@ -17,6 +17,11 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def smooth(average: float, sample: float) -> float:
+    """An exponential moving average (the first sample starts it)."""
+    return sample if not average else 0.8 * average + 0.2 * sample
+
+
 class EngineMetrics:
     """Thread-safe counters, gauges and recent latency samples of one engine."""
 
@@ -45,6 +50,7 @@ class EngineMetrics:
             for name in ("queue_s", "time_to_first_token_s", "inter_token_s", "batch_size")
         }
         self.throughput = 0.0  # generated tokens/s, exponentially smoothed over steps
+        self.step_seconds = 0.0  # a decode step's duration, smoothed the same way
 
     def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -66,10 +72,8 @@ class EngineMetrics:
             self.counters["generated_tokens"] += tokens
             self.samples["batch_size"].append(rows)
             if seconds > 0:
-                rate = tokens / seconds
-                self.throughput = (
-                    rate if not self.throughput else 0.8 * self.throughput + 0.2 * rate
-                )
+                self.throughput = smooth(self.throughput, tokens / seconds)
+                self.step_seconds = smooth(self.step_seconds, seconds)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy: counters, gauges, p50/p95 of each sample set."""

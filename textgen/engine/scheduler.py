@@ -13,36 +13,60 @@ from typing import Any
 
 import torch
 
-from textgen.engine.batch import RunningBatch, new_sequences
+from textgen.engine.batch import RunningBatch, unit_rows
+from textgen.engine.events import Finished
 from textgen.engine.metrics import EngineMetrics
 from textgen.engine.prefix import PrefixCache
-from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle, Sequence
+from textgen.engine.request import RequestHandle
+from textgen.engine.sequence import Row
+from textgen.errors import QueueFull, RequestRejected
+from textgen.generation.finish import FinishReason
 from textgen.generation.runner import Job, ModelRunner
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The engine holds as much work as it may; try again after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
 class EngineLimits:
     """How much work one engine takes on."""
 
-    max_batch: int  # sequences decoded together
+    max_batch: int  # rows decoded together
     max_requests: int  # requests accepted and not finished (running or waiting)
     max_pending_tokens: int  # tokens those requests may still generate
     prefix_cache_tokens: int = 0  # prompt tokens whose keys/values are kept for reuse (0: off)
     draft_tokens: int = 0  # tokens a lone greedy row may guess and check per step (0: off)
+    prefill_chunk_tokens: int = 256  # prompt tokens computed between two decode steps
+
+
+def retry_after(
+    running_rows_left: list[int],
+    step_seconds: float,
+    pending_tokens: int,
+    excess_tokens: int,
+    tokens_per_second: float,
+) -> int:
+    """Seconds until a rejected request would be accepted, from the measured speed.
+
+    A full queue frees a place when its first running request finishes (``running_rows_left``:
+    the tokens each running request's rows still have to go, which they make one per step); too
+    many pending tokens need ``excess_tokens`` of them generated first.
+    """
+    waits = [0.0]
+    if running_rows_left:
+        waits.append(min(running_rows_left) * step_seconds)
+    elif pending_tokens:
+        waits.append(pending_tokens / max(tokens_per_second, 1.0))
+    if excess_tokens > 0:
+        waits.append(excess_tokens / max(tokens_per_second, 1.0))
+    return max(1, min(600, math.ceil(max(waits))))
 
 
 class Engine:
-    """Continuous batching: requests join the running batch between steps and leave when done."""
+    """Continuous batching: requests join the running batch between steps and leave when done.
+
+    The lock guards the waiting queue and the set of accepted requests; it is never held while
+    an event is posted (a request's last Finished releases its capacity, which takes the lock).
+    """
 
     def __init__(self, runner: ModelRunner, limits: EngineLimits) -> None:
         self.runner = runner
@@ -50,7 +74,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self._waiting: deque[RequestHandle] = deque()
         self._active: set[RequestHandle] = set()
-        self._wake = threading.Condition()
+        self._wake = threading.Condition(threading.Lock())
         prefixes = PrefixCache(limits.prefix_cache_tokens) if limits.prefix_cache_tokens else None
         loaded = runner.loaded
         self._batch = RunningBatch(
@@ -60,6 +84,7 @@ class Engine:
             prefixes,
             loaded.program,
             limits.draft_tokens,
+            limits.prefill_chunk_tokens,
         )
         self._stopping = False
         self._thread = threading.Thread(
@@ -88,18 +113,24 @@ class Engine:
     # --- request side (handler threads) ----------------------------------------------
     def submit(self, job: Job, events: queue.Queue[Any], deadline: float) -> RequestHandle:
         """Queue a prepared job; its events go to ``events``. Raises QueueFull when full."""
+        if job.params.num_beams > self.limits.max_batch:
+            raise RequestRejected(
+                f"num_beams ({job.params.num_beams}) exceeds this server's batch of "
+                f"{self.limits.max_batch} rows",
+                "num_beams",
+            )
         handle = RequestHandle(self.name, job, events, deadline)
         handle.on_complete = self._complete
         with self._wake:
             pending = self._pending_tokens()
-            if len(self._active) >= self.limits.max_requests or (
-                self._active and pending + handle.tokens_budget > self.limits.max_pending_tokens
-            ):
+            excess = pending + handle.tokens_budget - self.limits.max_pending_tokens
+            if len(self._active) >= self.limits.max_requests or (self._active and excess > 0):
                 self.metrics.count("rejected")
+                wait = self._retry_after(pending, excess)
                 raise QueueFull(
                     f"model {self.name!r} is at capacity ({len(self._active)} requests, "
                     f"{pending} tokens to generate)",
-                    self.retry_after(pending),
+                    wait,
                 )
             self._active.add(handle)
             self._waiting.append(handle)
@@ -112,16 +143,22 @@ class Engine:
         """Tokens the accepted requests may still generate (call with the lock held)."""
         return sum(max(0, h.tokens_budget - h.generated) for h in self._active)
 
-    def retry_after(self, pending: int) -> int:
-        """Seconds until the pending work is likely done, from the measured throughput."""
-        rate = max(self.metrics.throughput, 1.0)
-        return max(1, min(600, math.ceil(pending / rate)))
+    def _retry_after(self, pending: int, excess: int) -> int:
+        """retry_after for the current load (call with the lock held)."""
+        running = [
+            max(0, h.tokens_budget - h.generated) // h.rows
+            for h in self._active
+            if h.admitted is not None and not h.complete
+        ]
+        return retry_after(
+            running, self.metrics.step_seconds, pending, excess, self.metrics.throughput
+        )
 
     def _publish_gauges(self) -> None:
         prefixes = self._batch.prefixes
         self.metrics.set(
             queued=len(self._waiting),
-            running=len(self._batch.sequences),
+            running=len(self._batch),
             pending_tokens=self._pending_tokens(),
             prefix_cache_tokens=prefixes.tokens if prefixes is not None else 0,
             prefix_cache_bytes=prefixes.bytes if prefixes is not None else 0,
@@ -130,141 +167,100 @@ class Engine:
     # --- engine thread ---------------------------------------------------------------
     def _serve(self) -> None:
         torch.set_grad_enabled(False)
+        batch = self._batch
         while True:
             with self._wake:
-                while not self._waiting and not self._batch.sequences and not self._stopping:
+                while not (self._waiting or batch.rows or batch.prefilling or self._stopping):
                     self._wake.wait()
                 if self._stopping:
                     break
-                admitted, exclusive = self._admit()
+                rows, expired, dropped = self._admit()
+            for handle in expired:
+                self._expire(handle)
             try:
                 with torch.inference_mode():
-                    if exclusive is not None:
-                        self._run_exclusive(exclusive)
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._batch.sequences:
-                        self._step()
-            except Exception as exc:  # keep serving: fail the affected requests, not the worker
+                    if rows:
+                        batch.start(rows)
+                    if batch.prefilling:
+                        batch.prefill_next()
+                    if batch.rows:
+                        batch.step()
+                    batch.evict()
+            except Exception as exc:
+                # A decode step is shared by every row: after an error in one (not a row's
+                # own choice, which advance() keeps to its request) the batch state is not
+                # trustworthy, so its rows fail. Nothing a request sends is known to do this.
                 log.exception("engine %s failed a step", self.name)
-                handles = {s.handle for s in admitted + self._batch.sequences}
-                if exclusive is not None:
-                    handles.add(exclusive)
-                self._fail(handles, f"generation failed: {type(exc).__name__}")
+                for row in batch.rows:
+                    row.handle.fail(f"generation failed: {type(exc).__name__}")
+                batch.clear()
+            self._settle(dropped + [row.handle for row in batch.departed])
+            batch.departed.clear()
             with self._wake:
                 self._publish_gauges()
         with self._wake:
-            leftover = set(self._waiting) | {s.handle for s in self._batch.sequences}
+            leftover = set(self._waiting) | {row.handle for row in batch.rows}
+            leftover |= {row.handle for job in batch.prefilling for row in job.rows}
             self._waiting.clear()
-        self._fail(leftover, "the server is shutting down")
+        batch.clear()
+        for handle in leftover:
+            handle.fail("the server is shutting down")
+        self._settle(list(leftover))
 
-    def _admit(self) -> tuple[list[Sequence], RequestHandle | None]:
-        """Take waiting requests that fit the batch (the head first, in order)."""
+    def _admit(self) -> tuple[list[Row], list[RequestHandle], list[RequestHandle]]:
+        """Take waiting work that fits the batch, the queue's head first (call with the lock
+        held): new rows, requests whose deadline passed while they waited, and requests that
+        were cancelled or failed before they started."""
         now = time.perf_counter()
-        admitted: list[Sequence] = []
+        rows: list[Row] = []
+        expired: list[RequestHandle] = []
+        dropped: list[RequestHandle] = []
+        room = self.limits.max_batch - self._batch.occupied
         while self._waiting:
             handle = self._waiting[0]
-            if handle.cancelled:
+            if handle.abandoned or not handle.pending:
                 self._waiting.popleft()
-                self._release(handle)
-                self.metrics.count("cancelled")
+                handle.pending.clear()
+                dropped.append(handle)
                 continue
-            if now > handle.deadline:
+            if handle.admitted is None and now > handle.deadline:
                 self._waiting.popleft()
-                self._expire(handle)
+                expired.append(handle)
                 continue
-            if handle.job.params.num_beams > 1:
-                # Beam search cannot share a step with other requests: it runs alone, once
-                # the batch has drained.
-                if self._batch.sequences or admitted:
-                    break
-                self._waiting.popleft()
-                return [], handle
-            rows = len(self._batch.sequences) + len(admitted) + handle.outputs
-            if rows > self.limits.max_batch and (self._batch.sequences or admitted):
+            unit = handle.pending[0]
+            if unit.rows > room:
                 break
-            self._waiting.popleft()
-            admitted.extend(self._sequences(handle, now))
-        return admitted, None
-
-    def _sequences(self, handle: RequestHandle, now: float) -> list[Sequence]:
-        handle.admitted = now
-        self.metrics.observe("queue_s", now - handle.created)
-        self.metrics.count("prompt_tokens", sum(len(p) for p in handle.job.encoded))
-        return new_sequences(handle, self.runner)
-
-    def _prefill(self, sequences: list[Sequence]) -> None:
-        self._batch.add(sequences)
-        self._evict()
-
-    def _step(self) -> None:
-        self._batch.step()
-        self._evict()
-
-    def _evict(self) -> None:
-        for sequence in self._batch.evict():
-            self._sequence_done(sequence)
-
-    def _sequence_done(self, sequence: Sequence) -> None:
-        if sequence.finish_reason != "cancelled":
-            return  # its Finished event released the request (RequestHandle.post)
-        # A cancelled row posts nothing, so it is counted here.
-        handle = sequence.handle
-        handle.done += 1
-        if handle.complete:
-            self.metrics.count("cancelled")
-            self._complete(handle)
-
-    def _complete(self, handle: RequestHandle) -> None:
-        with self._wake:
-            self._release(handle)
-
-    def _release(self, handle: RequestHandle) -> None:
-        """Forget a request's claim on capacity (call with the lock held)."""
-        self._active.discard(handle)
+            handle.pending.popleft()
+            room -= unit.rows
+            if handle.admitted is None:
+                handle.admitted = now
+                self.metrics.observe("queue_s", now - handle.created)
+                self.metrics.count("prompt_tokens", sum(len(p) for p in handle.job.encoded))
+            rows.extend(unit_rows(handle, unit, self.runner.loaded))
+            if not handle.pending:
+                self._waiting.popleft()
+        self._publish_gauges()
+        return rows, expired, dropped
 
     def _expire(self, handle: RequestHandle) -> None:
-        """A request whose deadline passed while it waited: it ends with no tokens."""
+        """A request whose deadline passed while it waited: its outputs end with no tokens."""
         for prompt_index in range(len(handle.job.encoded)):
             for index in range(handle.job.params.num_return_sequences):
-                handle.post(Finished(prompt_index, index, "", "time_limit", 0))
+                handle.post(Finished(prompt_index, index, "", FinishReason.TIME_LIMIT, 0))
 
-    def _run_exclusive(self, handle: RequestHandle) -> None:
-        """Run a request that cannot share a batch (beam search) on its own."""
-        handle.admitted = time.perf_counter()
+    def _settle(self, handles: list[RequestHandle]) -> None:
+        """Release the capacity of requests that have nothing left in the engine."""
+        for handle in set(handles):
+            if handle.complete:
+                continue  # released when its last output finished
+            if handle.abandoned and not handle.pending and not self._batch.holds(handle):
+                if self._complete(handle) and handle.cancelled:
+                    self.metrics.count("cancelled")
 
-        def interrupted() -> bool:
-            return handle.cancelled or time.perf_counter() > handle.deadline
-
-        try:
-            outputs = self.runner.run(handle.job, interrupted)
-        except BaseException:
-            self._complete(handle)
-            raise
-        handle.first_token = time.perf_counter()
-        if handle.cancelled:
-            self.metrics.count("cancelled")
-            self._complete(handle)  # nobody reads the outputs, so none are posted
-            return
-        timed_out = time.perf_counter() > handle.deadline
-        self.metrics.count("generated_tokens", sum(o.completion_tokens for o in outputs))
-        for output in outputs:
-            handle.post(Delta(output.prompt_index, output.index, output.text))
-            reason = "time_limit" if timed_out and output.finish_reason == "length" else None
-            handle.post(
-                Finished(
-                    output.prompt_index,
-                    output.index,
-                    output.text,
-                    reason or output.finish_reason,
-                    output.completion_tokens,
-                )
-            )
-
-    def _fail(self, handles: set[RequestHandle], message: str) -> None:
-        """After an unexpected error: end these requests with an error event, and the batch."""
-        self._batch.clear()
+    def _complete(self, handle: RequestHandle) -> bool:
+        """Forget a request's claim on capacity; whether it still had one."""
         with self._wake:
-            for handle in handles:
-                handle.post(Failed(message))
-                self._release(handle)
+            if handle not in self._active:
+                return False
+            self._active.discard(handle)
+            return True

@@ -7,20 +7,26 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from textgen.engine.events import Event, Failed, Finished
+from textgen.engine.request import RequestHandle
 from textgen.engine.scheduler import Engine
-from textgen.engine.sequence import Delta, Failed, Finished, RequestHandle
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
 
-Event = Delta | Finished | Failed
+# How long past its deadline a request is waited for: the engine ends it at the deadline, but a
+# step (or a chunk of a prefill) that is running then finishes first.
+DEADLINE_GRACE_S = 30.0
 
 
 class Submission:
     """Jobs submitted together (one per model), read through a single event queue."""
 
-    def __init__(self, handles: list[RequestHandle], events: queue.Queue[Any]) -> None:
+    def __init__(
+        self, handles: list[RequestHandle], events: queue.Queue[Any], deadline: float
+    ) -> None:
         self.handles = handles
         self._events = events
+        self.deadline = deadline
         self.finished: dict[tuple[str, int, int], Finished] = {}
         self.expected = sum(h.outputs for h in handles)
 
@@ -50,7 +56,7 @@ class Submission:
             for handle in handles:
                 handle.cancel()
             raise
-        return cls(handles, events)
+        return cls(handles, events, deadline)
 
     def cancel(self) -> None:
         """Withdraw every job (no-op for finished ones)."""
@@ -62,8 +68,18 @@ class Submission:
         return len(self.finished) >= self.expected
 
     def events(self, poll: float) -> Iterator[tuple[RequestHandle, Event] | None]:
-        """Events until every output finished or one failed; None after ``poll`` idle seconds."""
+        """Events until every output finished or one failed; None after ``poll`` idle seconds.
+
+        However the engine behaves, this ends: a request not done well past its deadline
+        ends with a Failed event.
+        """
         while not self.done:
+            if time.perf_counter() > self.deadline + DEADLINE_GRACE_S:
+                yield (
+                    self.handles[0],
+                    Failed("the request did not finish by its deadline", code="deadline_exceeded"),
+                )
+                return
             try:
                 handle, event = self._events.get(timeout=poll)
             except queue.Empty:

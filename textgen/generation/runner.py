@@ -1,29 +1,17 @@
-"""Checking a request against one model, and whole generate() calls (beam search)."""
+"""Checking a request against one model: its tokens, budget and settings, before any work."""
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-
+from textgen.engine.grammar import GrammarCompiler, GrammarLimits
+from textgen.errors import RequestRejected
 from textgen.generation.prompts import PromptError, PromptInput, render_prompt
-from textgen.generation.stopping import StopSequenceMatcher
 from textgen.generation.strategies import GenerationParams
 from textgen.models.loading import LoadedModel
-
-
-class RequestRejected(ValueError):
-    """The request cannot run on this model (too long, no chat template...); a client error."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -33,6 +21,7 @@ class Limits:
     max_prompt_tokens: int
     max_new_tokens: int
     default_max_new_tokens: int
+    grammar: GrammarLimits = GrammarLimits()
 
 
 @dataclass
@@ -44,56 +33,14 @@ class Job:
     grammar: Any = None  # the compiled response format, when there is one
 
 
-@dataclass
-class Output:
-    """One generated continuation."""
-
-    prompt_index: int
-    index: int
-    text: str
-    finish_reason: str
-    completion_tokens: int
-
-
-class Interruption(StoppingCriteria):
-    """Ends every row when ``interrupted()`` says so (client gone, deadline passed)."""
-
-    def __init__(self, interrupted: Callable[[], bool]) -> None:
-        self.interrupted = interrupted
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        stop = self.interrupted()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)  # type: ignore[return-value]
-
-
-class StopStringCriteria(StoppingCriteria):
-    """Stops a row once its generated text contains a stop string (same rule as truncation)."""
-
-    def __init__(self, tokenizer: Any, matcher: StopSequenceMatcher, prompt_width: int) -> None:
-        self.tokenizer = tokenizer
-        self.matcher = matcher
-        self.prompt_width = prompt_width
-        # A token holds at least one byte and a character at most four, so a stop string of
-        # n characters lies within the last 4n tokens.
-        self.window = 4 * max(len(stop) for stop in matcher.stops) + 4
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        tails = input_ids[:, self.prompt_width :][:, -self.window :].tolist()
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        hits = [self.matcher.find(text) is not None for text in texts]
-        return torch.tensor(hits, dtype=torch.bool)  # type: ignore[return-value]
-
-
 class ModelRunner:
-    """Checks requests against one model, and runs whole generate() calls for the engine."""
+    """Checks requests against one model."""
 
     def __init__(self, loaded: LoadedModel, limits: Limits) -> None:
-        from textgen.engine.grammar import GrammarCompiler
-
         self.loaded = loaded
         self.limits = limits
         self.grammars = GrammarCompiler(
-            loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids
+            loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids, limits.grammar
         )
 
     @property
@@ -184,62 +131,3 @@ class ModelRunner:
         if params.response_format is not None:
             grammar = self.grammars.compile(params.response_format)
         return Job(encoded, dataclasses.replace(params, max_new_tokens=budget), grammar=grammar)
-
-    def run(self, job: Job, interrupted: Callable[[], bool] | None = None) -> list[Output]:
-        """Run a prepared job with one generate() call (the engine uses it for beam search)."""
-        params = job.params
-        tokenizer = self.loaded.tokenizer
-        batch = tokenizer.pad({"input_ids": job.encoded}, padding=True, return_tensors="pt")
-        config = GenerationConfig(
-            **params.generation_kwargs(),
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=None if params.ignore_eos else list(self.loaded.eos_token_ids) or None,
-            pad_token_id=self.loaded.pad_token_id,
-        )
-        criteria = StoppingCriteriaList()
-        if interrupted is not None:
-            criteria.append(Interruption(interrupted))
-        if params.stop:
-            width = batch["input_ids"].shape[1]
-            matcher = StopSequenceMatcher(params.stop)
-            criteria.append(StopStringCriteria(tokenizer, matcher, width))
-        with torch.inference_mode():
-            sequences = self.loaded.model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                generation_config=config,
-                stopping_criteria=criteria,
-            )
-        return self.decode(sequences[:, batch["input_ids"].shape[1] :], params)
-
-    def decode(self, generated: torch.Tensor, params: GenerationParams) -> list[Output]:
-        """Text, finish reason and token count of each generated row."""
-        matcher = StopSequenceMatcher(params.stop)
-        eos = set() if params.ignore_eos else set(self.loaded.eos_token_ids)
-        pad = self.loaded.pad_token_id
-        outputs = []
-        for row, tokens in enumerate(generated.tolist()):
-            cut = next((i for i, token in enumerate(tokens) if token in eos), None)
-            kept = tokens if cut is None else tokens[:cut]
-            text, stopped = matcher.truncate(
-                self.loaded.tokenizer.decode(kept, skip_special_tokens=True)
-            )
-            if stopped:
-                # generate() pads a row that stopped early; padding is not output.
-                while kept and kept[-1] == pad:
-                    kept = kept[:-1]
-                count, reason = len(kept), "stop"
-            elif cut is not None:
-                count, reason = cut + 1, "eos"
-            else:
-                count, reason = len(tokens), "length"
-            outputs.append(
-                Output(
-                    prompt_index=row // params.num_return_sequences,
-                    index=row % params.num_return_sequences,
-                    text=text,
-                    finish_reason=reason,
-                    completion_tokens=count,
-                )
-            )
-        return outputs

@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 from textgen.config import Settings
+from textgen.engine.events import Failed, Finished
+from textgen.engine.grammar import GrammarLimits
 from textgen.engine.scheduler import Engine, EngineLimits
-from textgen.engine.sequence import Failed, Finished
 from textgen.engine.submission import Submission
 from textgen.generation.prompts import PromptInput
 from textgen.generation.runner import Limits, ModelRunner
@@ -38,6 +39,7 @@ class ModelRegistry:
             max_prompt_tokens=settings.max_prompt_tokens,
             max_new_tokens=settings.max_new_tokens,
             default_max_new_tokens=settings.default_max_new_tokens,
+            grammar=GrammarLimits(settings.max_schema_bytes, settings.grammar_timeout),
         )
         self.engine_limits = EngineLimits(
             max_batch=settings.max_batch,
@@ -45,6 +47,7 @@ class ModelRegistry:
             max_pending_tokens=settings.max_queue_tokens,
             prefix_cache_tokens=settings.prefix_cache_tokens,
             draft_tokens=settings.draft_tokens,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
         )
         self._engines: dict[str, Engine] = {}
         self._state = "idle"

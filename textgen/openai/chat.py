@@ -6,7 +6,8 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from textgen.engine.sequence import Delta, Finished, RequestHandle, TokenLogprob
+from textgen.engine.events import Delta, Finished, TokenLogprob
+from textgen.engine.request import RequestHandle
 from textgen.openai.protocol import ChatCompletionSchema
 from textgen.openai.serving import Reply, StreamParts, finish_reason, respond
 

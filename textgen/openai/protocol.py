@@ -22,8 +22,6 @@ from textgen.api.schemas import SHARED_KNOBS, SharedSchema, resolve
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
 
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "time_limit"}
-
 
 class PromptField(fields.Field):
     """A string, a list of strings, a list of token ids, or a list of such lists."""

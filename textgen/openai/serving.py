@@ -14,10 +14,11 @@ from textgen.api import current_registry
 from textgen.api.generate import usage as token_usage
 from textgen.api.schemas import load_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
-from textgen.engine.sequence import Delta, Finished, RequestHandle, TokenLogprob
+from textgen.engine.events import Delta, Finished, TokenLogprob
+from textgen.engine.request import RequestHandle
 from textgen.engine.submission import Submission
 from textgen.models.registry import ModelRegistry
-from textgen.openai.protocol import FINISH_REASONS, OpenAIRequest, OpenAISchema
+from textgen.openai.protocol import OpenAIRequest, OpenAISchema
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def new_id(prefix: str) -> str:
 
 
 def finish_reason(event: Finished) -> str:
-    return FINISH_REASONS.get(event.finish_reason, event.finish_reason)
+    return event.finish_reason.openai
 
 
 def outputs(submission: Submission) -> list[Finished]:

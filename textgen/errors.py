@@ -1,0 +1,20 @@
+"""Domain errors every layer may raise (a leaf: imports nothing of textgen)."""
+
+from __future__ import annotations
+
+
+class RequestRejected(ValueError):
+    """The request cannot run on this model (too long, no chat template...); a client error."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class QueueFull(Exception):
+    """The engine holds as much work as it may; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
