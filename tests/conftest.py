@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
 from tests.tiny_models import save_tiny_gpt2, save_tiny_llama
 from textgen import create_app
@@ -62,3 +64,20 @@ def embedded_app() -> Flask:
 @pytest.fixture
 def embedded_client(embedded_app: Flask) -> Iterator[FlaskClient]:
     yield embedded_app.test_client()
+
+
+def serve(app: Flask) -> Iterator[str]:
+    """The app on a real HTTP server on loopback (werkzeug, threaded): its base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def live(app: Flask) -> Iterator[str]:
+    """The tiny-model app served over HTTP."""
+    yield from serve(app)

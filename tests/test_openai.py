@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,24 +9,14 @@ import openai
 import pytest
 import torch
 from flask import Flask
-from werkzeug.serving import make_server
 
+from tests.conftest import serve
 from textgen import create_app
 
 
-def serve(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
-    finally:
-        server.shutdown()
-
-
 @pytest.fixture(scope="module")
-def base_url(app: Flask) -> Iterator[str]:
-    yield from serve(app)
+def base_url(live: str) -> Iterator[str]:
+    yield f"{live}/v1"
 
 
 @pytest.fixture
@@ -311,8 +300,8 @@ def test_full_queue_is_a_rate_limit_error() -> None:
             "MAX_QUEUE": 1,
         }
     )
-    for base_url in serve(app):
-        root = base_url.removesuffix("/v1")
+    for root in serve(app):
+        base_url = f"{root}/v1"
         # A long streaming request holds the only slot while we ask again. The line iterator
         # stays referenced: when urllib3's reading generator is closed (a discarded iterator is
         # collected at once) it closes the connection, and the server then cancels the request.
@@ -360,7 +349,8 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def embedded_url(embedded_app: Flask) -> Iterator[str]:
-    yield from serve(embedded_app)
+    for root in serve(embedded_app):
+        yield f"{root}/v1"
 
 
 @pytest.mark.slow

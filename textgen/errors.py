@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class RequestRejected(ValueError):
     """The request cannot run on this model (too long, no chat template...); a client error."""
@@ -18,3 +20,13 @@ class QueueFull(Exception):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# An absolute path: a slash-led run of path characters with at least two components.
+_PATH = re.compile(r"(?<![\w/.:])(?:/[\w.@+~-]+){2,}/?")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with absolute file paths cut to their last part, for clients to see (the log
+    keeps the whole message)."""
+    return _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)

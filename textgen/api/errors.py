@@ -9,8 +9,7 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from textgen.engine.scheduler import QueueFull
-from textgen.generation.runner import RequestRejected
+from textgen.errors import QueueFull, RequestRejected
 from textgen.models.registry import ModelsNotReady, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -154,6 +153,9 @@ def register_error_handlers(app: Flask) -> None:
         for key, value in exc.get_headers():
             if key.lower() != "content-type":
                 response.headers[key] = value
+        if status == 413:
+            # The body was not read: what is left of it would be taken for the next request.
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from marshmallow import fields, validate
@@ -33,6 +34,9 @@ RANGES: dict[str, dict[str, Any]] = {
     },
     "min_tokens": {"type": "integer", "min": 0},
 }
+
+
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
 class StrictInteger(fields.Integer):
@@ -116,8 +120,10 @@ class LogitBias(fields.Field):
             raise self.make_error("too_many", max=spec["max_items"])
         out: dict[int, float] = {}
         for key, bias in value.items():
+            # ASCII digits only: str.isdigit() also takes "²" and "١٢" (int() of the
+            # latter is 12), and a token id has at most 10 of them.
             if (
-                not str(key).isdigit()
+                not TOKEN_ID.fullmatch(str(key))
                 or isinstance(bias, bool)
                 or not isinstance(bias, int | float)
             ):

@@ -16,6 +16,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from textgen.api.body import BodyError, parse_object
 from textgen.api.errors import InvalidRequest
 from textgen.api.fields import (
     RANGES,
@@ -151,6 +152,9 @@ class GenerateSchema(SharedSchema):
         for first, second in exclusive:
             if first in data and second in data:
                 raise ValidationError(f"give either {first} or {second}, not both", second)
+        models = data.get("models", [])
+        if len(set(models)) < len(models):
+            raise ValidationError("each model may be named once", "models")
         if "prompt" not in data and "messages" not in data:
             raise ValidationError("a prompt (or chat messages) is required", "prompt")
         if "messages" in data and data.get("chat") is False:
@@ -201,12 +205,10 @@ def parameter_ranges(settings: Settings) -> dict[str, dict[str, Any]]:
 
 def load_body(schema: Schema) -> Any:
     """Parse the request's JSON object body with a schema; any problem is a 400 naming it."""
-    # force: curl -d sends form encoding unless told otherwise; the body is JSON regardless.
-    body = request.get_json(force=True, silent=True)
-    if body is None:
-        raise InvalidRequest(
-            "the body must be JSON (Content-Type: application/json)", code="invalid_json"
-        )
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    # Any Content-Type: curl -d sends form encoding unless told otherwise. get_data enforces
+    # the body limit (a 413), chunked bodies included.
+    try:
+        body = parse_object(request.get_data(cache=True))
+    except BodyError as exc:
+        raise InvalidRequest(str(exc), exc.param, code="invalid_json") from None
     return schema.load(body)

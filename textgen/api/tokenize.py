@@ -18,6 +18,7 @@ from marshmallow import (
 from textgen.api import current_registry
 from textgen.api.fields import StrictBoolean, StrictInteger
 from textgen.api.schemas import MessageSchema, load_body
+from textgen.errors import RequestRejected
 from textgen.generation.prompts import PromptInput
 
 bp = Blueprint("tokenize", __name__)
@@ -63,6 +64,13 @@ def tokenize() -> Response:
     model, prompt = load_body(TokenizeSchema())
     runner = current_registry().engine(model).runner
     ids = runner.tokenize(prompt)
+    cap = runner.limits.max_prompt_tokens
+    if len(ids) > cap:
+        raise RequestRejected(
+            f"the prompt has {len(ids)} tokens; this server accepts at most {cap}",
+            "prompt",
+            "prompt_too_long",
+        )
     tokenizer = runner.loaded.tokenizer
     return jsonify(
         {
@@ -81,6 +89,9 @@ def detokenize() -> Response:
     body = load_body(DetokenizeSchema())
     runner = current_registry().engine(body.get("model")).runner
     tokenizer = runner.loaded.tokenizer
+    if len(body["tokens"]) > runner.limits.max_prompt_tokens:
+        cap = runner.limits.max_prompt_tokens
+        raise ValidationError(f"at most {cap} token ids", "tokens")
     if any(token >= len(tokenizer) for token in body["tokens"]):
         raise ValidationError(f"token ids must be below {len(tokenizer)}", "tokens")
     return jsonify(

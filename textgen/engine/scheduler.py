@@ -183,6 +183,7 @@ class Engine:
                         batch.start(rows)
                     if batch.prefilling:
                         batch.prefill_next()
+                        batch.evict()  # rows whose first choice failed have no input
                     if batch.rows:
                         batch.step()
                     batch.evict()

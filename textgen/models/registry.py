@@ -12,6 +12,7 @@ from textgen.engine.events import Failed, Finished
 from textgen.engine.grammar import GrammarLimits
 from textgen.engine.scheduler import Engine, EngineLimits
 from textgen.engine.submission import Submission
+from textgen.errors import without_paths
 from textgen.generation.prompts import PromptInput
 from textgen.generation.runner import Limits, ModelRunner
 from textgen.generation.strategies import GenerationParams
@@ -110,7 +111,8 @@ class ModelRegistry:
                 with self._guard:
                     self._engines[spec.name] = engine
         except Exception as exc:
-            self._set("failed", str(exc))
+            # /health and 503s show this to anyone: no file paths (the log has them).
+            self._set("failed", without_paths(str(exc)))
             raise
         with self._guard:
             self._state, self._detail = "ready", "all models loaded"

@@ -67,7 +67,8 @@ class MessageContentField(fields.Field):
     """Message content: a string, or a list of text parts (other part types are refused)."""
 
     default_error_messages = {
-        "invalid": "Must be a string or a list of {'type': 'text', 'text': ...} parts.",
+        # Literal braces doubled: marshmallow formats these messages with str.format.
+        "invalid": "Must be a string or a list of {{'type': 'text', 'text': ...}} parts.",
         "unsupported": "Only text content parts are supported; got type {kind!r}.",
     }
 
