@@ -5,8 +5,12 @@
 # subprocess and loaded by each worker after fork.
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 def _cores() -> int:
@@ -52,10 +56,27 @@ os.environ["TEXTGEN_TORCH_THREADS"] = str(_torch_threads)
 os.environ["OMP_NUM_THREADS"] = str(_torch_threads)
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-worker_class = "gthread"
-# Request threads mostly wait on the engine (a streaming client holds one for its whole
-# request); they are cheap, and enough of them lets every batch slot be used and /health answer.
-threads = _int_env("GUNICORN_THREADS", 32)
+# gthread, changed (textgen/server/worker.py): requests are read whole before a thread takes
+# them, a request that would wait for a busy thread gets 429 at once, and a worker takes no
+# connections until its models are ready unless no other worker is.
+worker_class = "textgen.server.worker.TextgenWorker"
+
+
+def _models_configured() -> int:
+    try:
+        from textgen.config import settings_from_env
+
+        return len(settings_from_env().models)
+    except Exception:  # on_starting reports a bad configuration
+        return 1
+
+
+# A streaming client holds a request thread for its whole request. Enough threads for every
+# request the engines admit (TEXTGEN_MAX_QUEUE per model) and 16 more for /health and quick
+# refusals: beyond that the engine answers 429 at once instead of requests waiting unseen.
+threads = _int_env(
+    "GUNICORN_THREADS", _int_env("TEXTGEN_MAX_QUEUE", 64) * _models_configured() + 16
+)
 # gthread workers heartbeat from their main loop, not from request threads, so this bounds a
 # stuck worker, not a generation; it must exceed model loading, which runs in the background.
 timeout = _int_env("GUNICORN_TIMEOUT", 600)
@@ -63,6 +84,9 @@ graceful_timeout = 60
 keepalive = 5
 # Each worker loads its own model after fork (see above).
 preload_app = False
+
+# Each instance would otherwise share $HOME/.gunicorn/gunicorn.ctl with every other one.
+control_socket_disable = True
 
 # --- Logging ---------------------------------------------------------------
 accesslog = "-"
@@ -81,6 +105,9 @@ def on_starting(server):
     from textgen.models.cache import ModelCache
     from textgen.models.sources import is_prepared
 
+    # Ready workers leave a file named by their pid here (see textgen/server/worker.py).
+    server.textgen_ready_dir = tempfile.mkdtemp(prefix="textgen-ready-")
+
     server.log.info(
         "textgen: %d worker(s) x %d torch thread(s) on %d cores", workers, _torch_threads, _CORES
     )
@@ -92,11 +119,36 @@ def on_starting(server):
     cache = ModelCache(settings.model_cache)
     if all(is_prepared(spec, cache, settings.compile) for spec in settings.models):
         return
-    # Conversion imports torch, which must not happen in this process (see the top).
-    result = subprocess.run([sys.executable, "-m", "textgen", "pull"], check=False)
-    if result.returncode != 0:
+    # Conversion imports torch, which must not happen in this process (see the top). A SIGTERM
+    # or SIGINT meanwhile stops the conversion too, instead of leaving it running.
+    child = subprocess.Popen([sys.executable, "-m", "textgen", "pull"])
+
+    def stop(signum, _frame):
+        child.terminate()
+        child.wait()
+        sys.exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if returncode != 0:
         server.log.error("textgen: models could not be prepared; not starting")
-        sys.exit(result.returncode)
+        sys.exit(returncode)
+
+
+def pre_fork(server, worker):
+    worker.ready_dir = Path(server.textgen_ready_dir)
+
+
+def child_exit(server, worker):
+    (Path(server.textgen_ready_dir) / str(worker.pid)).unlink(missing_ok=True)
+
+
+def on_exit(server):
+    shutil.rmtree(server.textgen_ready_dir, ignore_errors=True)
 
 
 def post_fork(server, worker):

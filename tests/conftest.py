@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
@@ -81,3 +86,38 @@ def serve(app: Flask) -> Iterator[str]:
 def live(app: Flask) -> Iterator[str]:
     """The tiny-model app served over HTTP."""
     yield from serve(app)
+
+
+# --- gunicorn, for real -------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gunicorn(env: dict[str, str], *args: str, log: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """gunicorn with gunicorn.conf.py and wsgi.py; only ``env``'s TEXTGEN_/GUNICORN_ settings.
+    Its output goes to ``log`` (a file, for a server that logs more than a pipe holds)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TEXTGEN_", "GUNICORN_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "wsgi:app"],
+        cwd=REPO,
+        env={**clean, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_healthy(process: subprocess.Popen[str], url: str, seconds: float = 300) -> None:
+    """Until /health answers 200 (the process must stay up meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else "exited"
+        try:
+            if requests.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:  # refused before bind, slow while loading
+            pass
+        time.sleep(0.25)
+    pytest.fail("gunicorn did not become healthy")

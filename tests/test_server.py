@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,27 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import EMBEDDED_CACHE, REPO
+from tests.conftest import EMBEDDED_CACHE, free_port, gunicorn, wait_healthy
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def gunicorn(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TEXTGEN_", "GUNICORN_"))}
-    return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "wsgi:app"],
-        cwd=REPO,
-        env={**clean, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +25,7 @@ def server() -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if requests.get(f"{url}/health", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:  # refused before bind, slow while loading
-                pass
-            time.sleep(0.25)
-        else:
-            pytest.fail("gunicorn did not become healthy")
+        wait_healthy(process, url)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)

@@ -9,7 +9,7 @@ import click
 
 from textgen.config import ConfigError, settings_from_env
 from textgen.models.cache import ModelCache
-from textgen.models.sources import ModelUnavailable, is_prepared, prepare
+from textgen.models.sources import ModelUnavailable, forget, is_prepared, prepare
 from textgen.models.specs import SpecError, parse_model_specs
 
 
@@ -20,7 +20,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("sources", nargs=-1)
-def pull(sources: tuple[str, ...]) -> None:
+@click.option(
+    "--force", is_flag=True, help="Rebuild conversions, quantized weights and compiled decoders."
+)
+def pull(sources: tuple[str, ...], force: bool) -> None:
     """Download, convert, quantize and compile models into the cache (default:
     TEXTGEN_MODELS)."""
     try:
@@ -30,6 +33,9 @@ def pull(sources: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from exc
     cache = ModelCache(settings.model_cache)
     for spec in specs:
+        if force:
+            for path in forget(spec, cache):
+                click.echo(f"{spec.name}: deleted {path}")
         try:
             prepared = prepare(spec, cache, settings.hub_probe_timeout)
             if not is_prepared(spec, cache, settings.compile):

@@ -47,6 +47,7 @@ class Settings:
     max_schema_bytes: int
     grammar_timeout: float
     max_timeout: float
+    read_timeout: float
     stream_ping_s: float
     hub_probe_timeout: float
     log_level: str
@@ -110,6 +111,8 @@ class SettingsSchema(Schema):
     PREFILL_CHUNK_TOKENS = f.Integer(load_default=256, validate=validate.Range(min=16))
     MAX_SCHEMA_BYTES = f.Integer(load_default=65536, validate=validate.Range(min=256))
     GRAMMAR_TIMEOUT = f.Float(load_default=10.0, validate=validate.Range(min=0.1, max=600))
+    # The whole request (headers and body) must arrive within this, or 408 (slow clients).
+    READ_TIMEOUT = f.Float(load_default=30.0, validate=validate.Range(min=0.1, max=600))
     MAX_TIMEOUT = f.Float(load_default=600.0, validate=validate.Range(min=0.1))
     STREAM_PING_S = f.Float(load_default=5.0, validate=validate.Range(min=0.05, max=300))
     HUB_PROBE_TIMEOUT = f.Float(load_default=3.0, validate=validate.Range(min=0.1, max=120))

@@ -3,6 +3,7 @@ decoders, and locks."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -59,6 +60,8 @@ class ModelCache:
         if entry and entry["stamp"] == stamp:
             return str(entry["sha256"])
         digest = compute(path)
+        if not os.access(self.root, os.W_OK):
+            return digest  # a read-only cache: hashed again at the next start
         with self.lock("digests"):
             index = json.loads(index_path.read_text()) if index_path.is_file() else {}
             index[key] = {"stamp": stamp, "sha256": digest}
@@ -74,26 +77,32 @@ class ModelCache:
     def quantized_path(self, model_dir: Path, dtype: str) -> Path:
         """The file of a model directory's weights in a quantized format (torch-free to compute).
 
-        Keyed by the directory's weights files (names, sizes, times); int4 also by the torch
-        version, as it is stored in the layout of PyTorch's kernel.
+        Keyed by the directory's weights files and, for a directory outside the cache, its
+        absolute path and the files' times. A directory inside the cache (a conversion or a
+        Hub snapshot) is already named by its content: it is keyed by its place in the cache
+        and its files' names and sizes, so a copied or re-mounted cache stays valid. int4 is
+        also keyed by the torch version (it is stored in the layout of PyTorch's kernel).
         """
-        stamp = [
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(model_dir.glob("*.safetensors"))
-        ]
+        files = sorted(model_dir.glob("*.safetensors"))
+        try:
+            place = str(model_dir.resolve().relative_to(self.root.resolve()))
+            stamp: list[Any] = [(p.name, p.stat().st_size) for p in files]
+        except ValueError:  # outside the cache
+            place = str(model_dir.resolve())
+            stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         layout = metadata.version("torch") if dtype == "int4" else ""
-        raw = json.dumps([str(model_dir.resolve()), stamp, layout]).encode()
-        key = hashlib.sha256(raw).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([place, stamp, layout]).encode()).hexdigest()[:16]
         return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.pt"
 
     def compiled_path(self, model_dir: Path, dtype: str) -> Path:
         """The compiled decoder of a model directory's int8 or int4 weights (textgen/models/
-        compiled.py): keyed by those weights' cache file, the torch version, the CPU's vector
-        instruction sets (the code is built for them) and COMPILED_FORMAT."""
+        compiled.py): keyed by those weights' cache file (its name and size), the torch
+        version, the CPU's vector instruction sets (the code is built for them) and
+        COMPILED_FORMAT."""
         weights = self.quantized_path(model_dir, dtype)
-        stamp = weights.stat().st_mtime_ns if weights.is_file() else 0
+        size = weights.stat().st_size if weights.is_file() else 0
         raw = json.dumps(
-            [str(weights), stamp, metadata.version("torch"), cpu_flags(), COMPILED_FORMAT]
+            [weights.name, size, metadata.version("torch"), cpu_flags(), COMPILED_FORMAT]
         ).encode()
         key = hashlib.sha256(raw).hexdigest()[:16]
         return self.root / "compiled" / f"{model_dir.name}-{key}-{dtype}.pt2"
@@ -102,9 +111,18 @@ class ModelCache:
     def lock(self, key: str) -> Iterator[None]:
         """Exclusive lock so concurrent workers convert or download a model only once."""
         lock_dir = self.root / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
         safe = re.sub(r"[^\w.-]", "_", key)
-        with open(lock_dir / f"{safe}.lock", "w") as handle:
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_dir / f"{safe}.lock", "w")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # A read-only cache (shared by instances): nobody can write, so nothing to guard.
+            # What is missing from it fails where it would be written, naming the file.
+            yield
+            return
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

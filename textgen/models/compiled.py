@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 from textgen.models.architecture import compilable
 from textgen.models.cache import ModelCache, compiler_available
 from textgen.models.quantize import INT4_GROUP, Int4Linear, Int8Linear
+from textgen.models.sources import damaged
 
 log = logging.getLogger(__name__)
 
@@ -254,4 +255,7 @@ def load_program(model: Any, model_dir: Path, dtype: str, cache: ModelCache) -> 
             log.info("compiling the %s decoder of %s (once; minutes)", dtype, model_dir.name)
             compile_program(model, target)
             log.info("compiled decoder written to %s", target)
-    return torch._inductor.aoti_load_package(str(target))
+    try:
+        return torch._inductor.aoti_load_package(str(target))
+    except Exception as exc:
+        raise damaged(target, exc) from exc

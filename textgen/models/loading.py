@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from textgen.models.cache import ModelCache
+from textgen.models.cache import MARKER, ModelCache
 from textgen.models.compiled import load_program
 from textgen.models.memory import release_freed_memory
 from textgen.models.quantize import apply_dtype, decode_weight_bytes
-from textgen.models.sources import ModelUnavailable, PreparedModel, prepare
+from textgen.models.sources import ModelUnavailable, PreparedModel, damaged, prepare
 from textgen.models.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(
             prepared.path, trust_remote_code=spec.trust_remote_code, local_files_only=True
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # safetensors' own error too, for a broken header
+        if (prepared.path / MARKER).is_file():  # a conversion in the cache: rebuild it
+            raise damaged(prepared.path, exc) from exc
         raise ModelUnavailable(
             f"model {spec.name!r}: loading {prepared.path} failed: {exc}"
         ) from exc

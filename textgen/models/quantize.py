@@ -13,7 +13,7 @@ import torch
 from textgen.models import float16
 from textgen.models.cache import ModelCache
 from textgen.models.layers import linear_layers
-from textgen.models.sources import ModelUnavailable
+from textgen.models.sources import ModelUnavailable, damaged
 
 log = logging.getLogger(__name__)
 
@@ -208,4 +208,8 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
         torch.save({k: v.contiguous() for k, v in tensors.items()}, staging)
         os.replace(staging, target)
         log.info("%s weights of %s prepared in %s", dtype, model_dir, target)
-    swap_in(model, torch.load(target, mmap=True, weights_only=True))
+    try:
+        tensors = torch.load(target, mmap=True, weights_only=True)
+    except Exception as exc:
+        raise damaged(target, exc) from exc
+    swap_in(model, tensors)

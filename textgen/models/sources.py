@@ -28,6 +28,31 @@ class ModelUnavailable(Exception):
     """A model's files cannot be found or fetched; the message says where we looked and the fix."""
 
 
+def damaged(path: Path, exc: BaseException) -> ModelUnavailable:
+    """The error for a cache file that cannot be read: which file, and how to rebuild it."""
+    return ModelUnavailable(
+        f"the cache file {path.name} cannot be read ({type(exc).__name__}: {exc}); it is "
+        "damaged: run `textgen pull --force` to rebuild this model's cache files"
+    )
+
+
+def forget(spec: ModelSpec, cache: ModelCache) -> list[Path]:
+    """Delete what the cache derived for ``spec`` (conversion, quantized weights, compiled
+    decoder; never Hub downloads or the user's own directories), so the next pull rebuilds
+    it. Returns what was deleted."""
+    path = prepared_dir(spec, cache)
+    if path is None:
+        return []
+    found = [cache.compiled_path(path, dtype) for dtype in QUANTIZED]
+    found += [cache.quantized_path(path, dtype) for dtype in QUANTIZED]
+    if spec.kind in ("embedded", "gguf"):
+        found.append(path)
+    gone = [p for p in found if p.exists()]
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return gone
+
+
 @dataclass(frozen=True)
 class PreparedModel:
     """A model directory ready for ``from_pretrained``, and the revision it holds."""

@@ -1,0 +1,296 @@
+"""textgen's gunicorn worker: gthread, changed so that no client can hold what others need.
+
+- A request is read whole on the worker's main loop (non-blocking, bounded in size, time and
+  memory) before a request thread takes it: a client that sends slowly holds a socket, never
+  a thread. Headers over 64 KiB get 431, a body over the limit 413 (and the connection is
+  closed), a request not received within ``TEXTGEN_READ_TIMEOUT`` 408.
+- A request that would wait for a busy thread is answered at once: 429 with ``Retry-After``.
+- The worker takes no connections until its models are ready, unless no other worker is
+  (a first start): a loading worker leaves the traffic to the ready ones.
+- gunicorn's own error answers (400, 414, 431, 501, ...) are JSON in textgen's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from gunicorn import util
+from gunicorn.workers.gthread import ThreadWorker
+
+from textgen.server.framing import expects_continue, judge
+
+READ_CHUNK = 64 * 1024
+DEFAULT_READ_TIMEOUT = 30.0
+LINGER_S = 2.0
+REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+TYPES = {429: "rate_limit_error", 503: "service_unavailable"}
+CODES = {
+    400: "invalid_chunked_body",
+    408: "request_timeout",
+    413: "request_entity_too_large",
+    429: "server_busy",
+    431: "request_header_fields_too_large",
+    503: "server_busy",
+}
+
+
+def error_bytes(
+    status: int, reason: str, message: str, code: str | None, headers: dict[str, str]
+) -> bytes:
+    """A complete HTTP/1.1 error answer in textgen's JSON shape; the connection closes."""
+    kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    body = json.dumps({"error": error}).encode()
+    lines = [f"HTTP/1.1 {status} {reason}", "Connection: close"]
+    lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error``, answering JSON instead of HTML."""
+    util.write_nonblock(sock, error_bytes(status_int, reason, mesg, None, {}))
+
+
+@dataclass
+class Reading:
+    """A request being received: its bytes so far and when it must be complete."""
+
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+    continued: bool = False  # "100 Continue" sent
+
+
+class TextgenWorker(ThreadWorker):
+    """See the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reading: dict[Any, Reading] = {}
+        self.lingering: dict[Any, float] = {}  # refused, until the client stops sending
+        self.buffered = 0
+        self.in_flight = 0
+        self.ready_mark: Path | None = None
+        # Set by the master's pre_fork hook: where ready workers leave a file named by pid.
+        self.ready_dir: Path | None = None
+
+    def init_process(self) -> None:
+        util.write_error = write_json_error  # this process only: the worker's own answers
+        super().init_process()
+
+    # --- settings from the app --------------------------------------------------------
+    @property
+    def max_body(self) -> int:
+        return int(getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH") or 1 << 20)
+
+    @property
+    def read_timeout(self) -> float:
+        registry = self.registry
+        return DEFAULT_READ_TIMEOUT if registry is None else float(registry.settings.read_timeout)
+
+    @property
+    def registry(self) -> Any:
+        return getattr(self.wsgi, "extensions", {}).get("textgen.registry")
+
+    @property
+    def buffer_budget(self) -> int:
+        """Bytes all requests being received may hold at once."""
+        return max(64 << 20, 8 * self.max_body)
+
+    # --- receiving whole requests -----------------------------------------------------
+    def enqueue_req(self, conn: Any) -> None:
+        if self.cfg.is_ssl:  # TLS ends at the proxy; a TLS socket is read the stock way
+            self.hand_over(conn)
+            return
+        reading = Reading(time.monotonic() + self.read_timeout)
+        if conn.parser is not None:  # read ahead by the last request on this connection
+            reading.data += conn.parser.unreader.take_buffered()
+        self.reading[conn] = reading
+        self.buffered += len(reading.data)
+        conn.sock.setblocking(False)
+        if reading.data and self.judge(conn):
+            return
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_readable, conn))
+
+    def on_readable(self, conn: Any, _sock: Any) -> None:
+        reading = self.reading[conn]
+        try:
+            data = conn.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(conn)
+            return
+        if self.buffered + len(data) > self.buffer_budget:
+            self.refuse(conn, 503, "the server is receiving too much at once; try again", 1)
+            return
+        reading.data += data
+        self.buffered += len(data)
+        self.judge(conn)
+
+    def judge(self, conn: Any) -> bool:
+        """Act on a request received so far; whether it left the reading state."""
+        reading = self.reading[conn]
+        verdict = judge(bytes(reading.data), self.max_body)
+        if verdict.status is not None:
+            self.refuse(conn, verdict.status, verdict.message)
+            return True
+        if not verdict.complete:
+            if not reading.continued and expects_continue(bytes(reading.data)):
+                reading.continued = True
+                util.write_nonblock(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return False
+        self.stop_reading(conn)
+        if self.in_flight >= self.cfg.threads:
+            self.answer(conn, 429, "every request thread of this worker is busy; try again", 1)
+            return True
+        conn.init()
+        conn.parser.unreader.unread(verdict.data)
+        conn.data_ready = True
+        self.hand_over(conn)
+        return True
+
+    def hand_over(self, conn: Any) -> None:
+        self.in_flight += 1
+        super().enqueue_req(conn)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        self.in_flight -= 1
+        super().finish_request(conn, fs)
+
+    def stop_reading(self, conn: Any) -> None:
+        reading = self.reading.pop(conn)
+        self.buffered -= len(reading.data)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def refuse(self, conn: Any, status: int, message: str, retry_after: int | None = None) -> None:
+        self.stop_reading(conn)
+        self.answer(conn, status, message, retry_after)
+
+    def answer(self, conn: Any, status: int, message: str, retry_after: int | None) -> None:
+        """Send a JSON error from the main loop and close (the send buffer takes it whole)."""
+        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        try:
+            conn.sock.send(error_bytes(status, REASONS[status], message, CODES[status], headers))
+        except OSError:
+            pass
+        self.log.warning("refused a request from %s: %d %s", conn.client, status, message)
+        self.linger(conn)
+
+    def linger(self, conn: Any) -> None:
+        """Close after the client stops sending (for at most LINGER_S): closing a socket with
+        unread bytes resets it, and the client would lose the answer (nginx's lingering
+        close)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_linger, conn))
+        except (OSError, ValueError, KeyError):
+            self.close(conn)
+            return
+        self.lingering[conn] = time.monotonic() + LINGER_S
+
+    def on_linger(self, conn: Any, _sock: Any) -> None:
+        try:
+            if conn.sock.recv(READ_CHUNK):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.end_linger(conn)
+
+    def end_linger(self, conn: Any) -> None:
+        del self.lingering[conn]
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.close(conn)
+
+    def drop(self, conn: Any) -> None:
+        self.stop_reading(conn)
+        self.close(conn)
+
+    def close(self, conn: Any) -> None:
+        self.nr_conns -= 1
+        conn.close()
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        now = time.monotonic()
+        for conn, reading in list(self.reading.items()):
+            if now > reading.deadline:
+                if reading.data:
+                    message = f"the request was not received within {self.read_timeout:g} s"
+                    self.refuse(conn, 408, message)
+                else:
+                    self.drop(conn)
+        for conn, deadline in list(self.lingering.items()):
+            if now > deadline:
+                self.end_linger(conn)
+
+    # --- readiness ------------------------------------------------------------------------
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled and self.may_accept())
+
+    def may_accept(self) -> bool:
+        """Ready, or no other worker is (then this one answers 503 until it is)."""
+        return self.app_ready() or not self.others_ready()
+
+    def notify(self) -> None:
+        """The heartbeat, once a second from the main loop: also leave the ready mark."""
+        super().notify()
+        if self.ready_mark is None and self.app_ready():
+            self.mark_ready()
+
+    def app_ready(self) -> bool:
+        registry = self.registry
+        return registry is None or registry.status()["status"] == "ready"
+
+    def mark_ready(self) -> None:
+        if self.ready_dir is not None:
+            self.ready_mark = self.ready_dir / str(os.getpid())
+            self.ready_mark.touch()
+
+    def others_ready(self) -> bool:
+        if self.ready_dir is None:
+            return False
+        for mark in self.ready_dir.glob("[0-9]*"):
+            if mark.name != str(os.getpid()) and alive(int(mark.name)):
+                return True
+        return False
+
+    def run(self) -> None:
+        super().run()
+        if self.ready_mark is not None:
+            self.ready_mark.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
