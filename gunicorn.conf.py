@@ -121,19 +121,26 @@ def on_starting(server):
         return
     # Conversion imports torch, which must not happen in this process (see the top). A SIGTERM
     # or SIGINT meanwhile stops the conversion too, instead of leaving it running.
-    child = subprocess.Popen([sys.executable, "-m", "textgen", "pull"])
+    stopped, running = [], []
 
     def stop(signum, _frame):
-        child.terminate()
-        child.wait()
-        sys.exit(128 + signum)
+        # Only this: the handler may run inside child.wait(), which must not be re-entered.
+        stopped.append(signum)
+        for child in running:
+            child.terminate()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        returncode = child.wait()
+        running.append(subprocess.Popen([sys.executable, "-m", "textgen", "pull"]))
+        if stopped:
+            running[0].terminate()
+        returncode = running[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if stopped:
+        server.log.info("textgen: stopped while preparing models")
+        sys.exit(128 + stopped[0])
     if returncode != 0:
         server.log.error("textgen: models could not be prepared; not starting")
         sys.exit(returncode)

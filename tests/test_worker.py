@@ -378,3 +378,37 @@ def test_fuzzed_bodies_get_json_answers_and_never_a_5xx(server: str) -> None:
     assert requests.get(f"{server}/info", timeout=10).json()["pid"] == pid  # no restart
     assert len(seen) > 1 and sum(seen.values()) >= FUZZ_EXAMPLES * len(FIELDS)
     print("fuzz status counts:", dict(sorted(seen.items())))
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_stopping_during_preparation_stops_the_pull(tmp_path: Path) -> None:
+    model = save_tiny_llama(tmp_path / "tiny-llama")
+    env = {
+        # int8 weights not yet in the cache: the master runs `textgen pull` first.
+        "TEXTGEN_MODELS": json.dumps([{"name": "t", "source": str(model), "dtype": "int8"}]),
+        "TEXTGEN_MODEL_CACHE": str(tmp_path / "cache"),
+        "TEXTGEN_BIND": f"127.0.0.1:{free_port()}",
+        "TEXTGEN_COMPILE": "0",
+    }
+    process = gunicorn(env, log=(tmp_path / "log").open("w"))
+    deadline = time.monotonic() + 60
+    while not (pulls := children(process.pid)):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    for pid in pulls:  # stopped and reaped by the master, not left running as an orphan
+        assert not Path(f"/proc/{pid}").exists()
