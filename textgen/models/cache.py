@@ -22,6 +22,8 @@ QUANTIZED = ("int8", "int4")
 # The computation of textgen/models/compiled.py's Program: bump when it changes, so packages
 # compiled from an older one are not loaded.
 COMPILED_FORMAT = 3
+# What writing into a cache mounted read-only (or owned by another user) fails with.
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def compiler_available() -> bool:
@@ -60,14 +62,18 @@ class ModelCache:
         if entry and entry["stamp"] == stamp:
             return str(entry["sha256"])
         digest = compute(path)
-        if not os.access(self.root, os.W_OK):
-            return digest  # a read-only cache: hashed again at the next start
-        with self.lock("digests"):
-            index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-            index[key] = {"stamp": stamp, "sha256": digest}
-            staging = index_path.with_suffix(f".{os.getpid()}.tmp")
-            staging.write_text(json.dumps(index, indent=2))
-            os.replace(staging, index_path)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self.lock("digests"):
+                index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+                index[key] = {"stamp": stamp, "sha256": digest}
+                staging = index_path.with_suffix(f".{os.getpid()}.tmp")
+                staging.write_text(json.dumps(index, indent=2))
+                os.replace(staging, index_path)
+        except OSError as exc:
+            if exc.errno not in READ_ONLY:
+                raise
+            # A read-only cache: hashed again at the next start.
         return digest
 
     def converted_path(self, key: str) -> Path:
@@ -116,7 +122,7 @@ class ModelCache:
             lock_dir.mkdir(parents=True, exist_ok=True)
             handle = open(lock_dir / f"{safe}.lock", "w")  # noqa: SIM115 - closed below
         except OSError as exc:
-            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            if exc.errno not in READ_ONLY:
                 raise
             # A read-only cache (shared by instances): nobody can write, so nothing to guard.
             # What is missing from it fails where it would be written, naming the file.
