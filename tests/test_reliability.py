@@ -421,3 +421,31 @@ def test_health_shows_no_file_paths(tmp_path: Path) -> None:
         assert str(tmp_path) not in json.dumps(health) and "broken-model" in health["detail"]
         response = requests.post(f"{url}/generate", json={"prompt": "Hi"})
         assert response.status_code == 503 and str(tmp_path) not in response.text
+
+
+# --- 7. overload is refused at once -------------------------------------------------------
+def test_a_full_queue_refuses_before_tokenizing(
+    model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from textgen.generation.runner import ModelRunner
+
+    app = create_app(tiny_config(model_dirs, tmp_path, MAX_QUEUE=1, MAX_BATCH=1))
+    prepared: list[int] = []
+    real = ModelRunner.prepare
+
+    def counting(self: ModelRunner, *args: Any, **kwargs: Any) -> Any:
+        prepared.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "prepare", counting)
+    try:
+        for url in serve(app):
+            long = {"prompt": "Hi", "max_new_tokens": 200, "ignore_eos": True, "stream": True}
+            with requests.post(f"{url}/generate", json=long, stream=True, timeout=60) as r:
+                assert r.status_code == 200
+                refused = requests.post(f"{url}/generate", json={"prompt": "Hi"}, timeout=60)
+                assert refused.status_code == 429
+                assert refused.json()["error"]["code"] == "queue_full"
+            assert prepared == [1]  # the refused request was never tokenized
+    finally:
+        app.extensions["textgen.registry"].close()

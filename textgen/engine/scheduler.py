@@ -125,13 +125,7 @@ class Engine:
             pending = self._pending_tokens()
             excess = pending + handle.tokens_budget - self.limits.max_pending_tokens
             if len(self._active) >= self.limits.max_requests or (self._active and excess > 0):
-                self.metrics.count("rejected")
-                wait = self._retry_after(pending, excess)
-                raise QueueFull(
-                    f"model {self.name!r} is at capacity ({len(self._active)} requests, "
-                    f"{pending} tokens to generate)",
-                    wait,
-                )
+                raise self._full(pending, excess)
             self._active.add(handle)
             self._waiting.append(handle)
             self.metrics.count("requests")
@@ -142,6 +136,22 @@ class Engine:
     def _pending_tokens(self) -> int:
         """Tokens the accepted requests may still generate (call with the lock held)."""
         return sum(max(0, h.tokens_budget - h.generated) for h in self._active)
+
+    def check_room(self) -> None:
+        """Raise QueueFull at once if no request can join now: a handler calls this before it
+        tokenizes a request, so that refusals stay cheap while the engine is busy."""
+        with self._wake:
+            if len(self._active) >= self.limits.max_requests:
+                raise self._full(self._pending_tokens(), 0)
+
+    def _full(self, pending: int, excess: int) -> QueueFull:
+        """The refusal for the current load, counted (call with the lock held)."""
+        self.metrics.count("rejected")
+        return QueueFull(
+            f"model {self.name!r} is at capacity ({len(self._active)} requests, "
+            f"{pending} tokens to generate)",
+            self._retry_after(pending, excess),
+        )
 
     def _retry_after(self, pending: int, excess: int) -> int:
         """retry_after for the current load (call with the lock held)."""

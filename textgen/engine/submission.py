@@ -45,6 +45,8 @@ class Submission:
         for one model fails the whole request at once), and if one engine is full, the jobs
         already queued on the others are withdrawn.
         """
+        for engine in engines:
+            engine.check_room()  # before the tokenizer runs
         jobs = [(e, e.runner.prepare(prompts, params, until_context)) for e in engines]
         events: queue.Queue[Any] = queue.Queue()
         deadline = time.perf_counter() + deadline_s
