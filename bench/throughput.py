@@ -217,6 +217,11 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--no-llama", action="store_true")
     parser.add_argument("--dtypes", help="weight formats to compare, e.g. float32,bfloat16,int8")
+    parser.add_argument(
+        "--stock-worker",
+        action="store_true",
+        help="also measure gunicorn's own gthread worker (the request path before textgen's)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "throughput.json")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -224,11 +229,18 @@ def main() -> None:
     print(json.dumps(results[0]), flush=True)
 
     # Without --dtypes: the default weight format; with it, one server per format.
-    for dtype in args.dtypes.split(",") if args.dtypes else [None]:
+    variants: list[tuple[str, dict[str, str]]] = [
+        (
+            "textgen" if dtype is None else f"textgen {dtype}",
+            {} if dtype is None else {"TEXTGEN_MODELS": f"smollm2-135m-instruct#{dtype}"},
+        )
+        for dtype in (args.dtypes.split(",") if args.dtypes else [None])
+    ]
+    if args.stock_worker:
+        variants.append(("textgen, stock gthread worker", {"GUNICORN_CMD_ARGS": "-k gthread"}))
+    for name, env in variants:
         port = free_port()
-        models = {} if dtype is None else {"TEXTGEN_MODELS": f"smollm2-135m-instruct#{dtype}"}
-        server = start_textgen(port, **models)
-        name = "textgen" if dtype is None else f"textgen {dtype}"
+        server = start_textgen(port, **env)
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", server)
             url = f"http://127.0.0.1:{port}/generate"

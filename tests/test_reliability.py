@@ -321,6 +321,26 @@ def test_a_slow_schema_times_out_while_streams_flow(
         assert busy and all(int(r.headers["Retry-After"]) >= 1 for r in busy)
 
 
+def test_indexing_the_vocabulary_is_not_counted_in_a_schemas_limit(
+    model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from textgen.engine.grammar import GrammarCompiler
+
+    real = GrammarCompiler._initialize
+
+    def slow_index(self: GrammarCompiler) -> None:
+        # Fault injected: a busy machine, where a large vocabulary takes long to index.
+        time.sleep(1.0)
+        real(self)
+
+    monkeypatch.setattr(GrammarCompiler, "_initialize", slow_index)
+    app = create_app(tiny_config(model_dirs, tmp_path, GRAMMAR_TIMEOUT=0.3))
+    for url in serve(app):
+        response = chat(url, response_format={"type": "json_object"})
+        assert response.status_code == 200, response.text
+        json.loads(response.json()["choices"][0]["message"]["content"])
+
+
 def test_the_compiled_grammar_cache_is_bounded(app: Flask) -> None:
     from textgen.engine.grammar import GrammarCompiler, GrammarLimits
 

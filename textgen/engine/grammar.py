@@ -131,6 +131,10 @@ class GrammarCompiler:
         if not self._queued.acquire(blocking=False):
             raise QueueFull("the JSON-schema compiler is busy", math.ceil(self.limits.timeout))
         try:
+            if self._compiler is None:
+                # Once per model, and not counted in the schema's limit: the tokenizer's
+                # vocabulary is indexed (seconds for a large one, more on a busy machine).
+                self._pool.submit(self._initialize).result()
             future = self._pool.submit(self._compile, spec)
         except BaseException:
             self._queued.release()
@@ -145,19 +149,24 @@ class GrammarCompiler:
                 "schema_too_complex",
             ) from None
 
+    def _initialize(self) -> None:
+        import xgrammar
+
+        if self._compiler is not None:
+            return
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
+        )
+        self._tokens = TokenTexts.of(self.tokenizer)
+        self._compiler = xgrammar.GrammarCompiler(
+            info, max_threads=1, cache_limit_bytes=self.limits.cache_bytes
+        )
+
     def _compile(self, spec: str) -> CompiledFormat:
         import xgrammar
 
-        if self._compiler is None:
-            info = xgrammar.TokenizerInfo.from_huggingface(
-                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
-            )
-            self._compiler = xgrammar.GrammarCompiler(
-                info, max_threads=1, cache_limit_bytes=self.limits.cache_bytes
-            )
-            self._tokens = TokenTexts.of(self.tokenizer)
-        fmt = json.loads(spec)
-        schema = fmt.get("schema", {"type": "object"})
+        assert self._compiler is not None and self._tokens is not None
+        schema = json.loads(spec).get("schema", {"type": "object"})
         try:
             # Compact JSON: small models otherwise spend their budget on whitespace.
             grammar = self._compiler.compile_json_schema(
@@ -169,7 +178,6 @@ class GrammarCompiler:
             ) from exc
         if not allows_a_start(grammar, self.vocab_size):
             raise GrammarDeadEnd()
-        assert self._tokens is not None
         return CompiledFormat(grammar, self._tokens, required_reserve(schema))
 
     def close(self) -> None:
