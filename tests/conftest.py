@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,33 @@ def serve(app: Flask) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+@contextmanager
+def served(config: dict[str, Any]) -> Iterator[str]:
+    """An app built from ``config``, served over HTTP for the block, then closed."""
+    app = create_app(config)
+    try:
+        yield from serve(app)
+    finally:
+        app.extensions["textgen.registry"].close()
+
+
+def in_threads(jobs: list[Any]) -> list[Any]:
+    """Run the callables at once (released together); their results in order."""
+    results: list[Any] = [None] * len(jobs)
+    barrier = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = jobs[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
 
 
 @pytest.fixture(scope="session")

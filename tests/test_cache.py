@@ -19,7 +19,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from tests.conftest import serve
+from tests.conftest import served
 from tests.tiny_models import save_tiny_llama
 from textgen import create_app
 from textgen.cli import main
@@ -67,12 +67,8 @@ def test_a_copied_cache_is_used_as_it_is(prepared: Path, tmp_path: Path) -> None
     spec = parse_model_specs(models(copy))[0]
     assert is_prepared(spec, ModelCache(copy))
     before = files(copy)
-    app = create_app(config(copy))
-    try:
-        for url in serve(app):
-            assert generate(url).status_code == 200
-    finally:
-        app.extensions["textgen.registry"].close()
+    with served(config(copy)) as url:
+        assert generate(url).status_code == 200
     assert files(copy).keys() - before.keys() <= {"locks/tiny.lock"}  # nothing re-quantized
 
 
@@ -95,44 +91,30 @@ def test_a_read_only_prepared_cache_serves(prepared: Path, tmp_path: Path) -> No
     with read_only(copied(prepared, tmp_path), tmp_path / "ro") as cache:
         with pytest.raises(OSError, match="Read-only"):
             (cache / "probe").touch()
-        app = create_app(config(cache))
-        try:
-            for url in serve(app):
-                assert generate(url).status_code == 200
-        finally:
-            app.extensions["textgen.registry"].close()
+        with served(config(cache)) as url:
+            assert generate(url).status_code == 200
 
 
-def test_a_damaged_cache_file_is_named_with_its_fix(
-    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_damaged_cache_file_is_named_with_its_fix(prepared: Path, tmp_path: Path) -> None:
     cache = copied(prepared, tmp_path)
     (weights,) = (cache / "quantized").glob("*.pt")
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    app = create_app(config(cache, LOAD_MODE="background"))
-    try:
-        for url in serve(app):
-            deadline = time.monotonic() + 60
-            while (health := requests.get(f"{url}/health", timeout=10).json())["status"] in (
-                "idle",
-                "loading",
-            ):
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            assert health["status"] == "failed"
-            assert weights.name in health["detail"] and "textgen pull --force" in health["detail"]
-            assert str(tmp_path) not in health["detail"]
-            response = generate(url)
-            assert response.status_code == 503 and weights.name in response.text
-    finally:
-        app.extensions["textgen.registry"].close()
+    with served(config(cache, LOAD_MODE="background")) as url:
+        deadline = time.monotonic() + 60
+        while (health := requests.get(f"{url}/health", timeout=10).json())["status"] in (
+            "idle",
+            "loading",
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health["status"] == "failed"
+        assert weights.name in health["detail"] and "textgen pull --force" in health["detail"]
+        assert str(tmp_path) not in health["detail"]
+        response = generate(url)
+        assert response.status_code == 503 and weights.name in response.text
     env = {"TEXTGEN_MODELS": json.dumps(models(cache)), "TEXTGEN_MODEL_CACHE": str(cache)}
     result = CliRunner().invoke(main, ["pull", "--force"], env={**env, "TEXTGEN_COMPILE": "0"})
     assert result.exit_code == 0, result.output
     assert f"deleted {weights}" in result.output
-    app = create_app(config(cache))
-    try:
-        for url in serve(app):
-            assert generate(url).status_code == 200
-    finally:
-        app.extensions["textgen.registry"].close()
+    with served(config(cache)) as url:
+        assert generate(url).status_code == 200

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 from flask import Flask
+
+from tests.conftest import in_threads
 
 PROMPTS = [
     "Once upon a time",
@@ -25,19 +26,7 @@ def post(app: Flask, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def concurrently(app: Flask, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    results: list[Any] = [None] * len(bodies)
-    barrier = threading.Barrier(len(bodies))
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = post(app, bodies[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
+    return in_threads([lambda body=body: post(app, body) for body in bodies])
 
 
 def text(body: dict[str, Any]) -> str:

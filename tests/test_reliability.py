@@ -18,7 +18,7 @@ import requests
 import torch
 from flask import Flask
 
-from tests.conftest import serve, tiny_config
+from tests.conftest import in_threads, serve, served, tiny_config
 from textgen import create_app
 
 
@@ -33,23 +33,6 @@ def stream_text(url: str, body: dict[str, Any]) -> tuple[str, list[Any]]:
                 events.append(payload if payload == "[DONE]" else json.loads(payload))
     text = "".join(e.get("text", "") for e in events if isinstance(e, dict))
     return text, events
-
-
-def in_threads(jobs: list[Any]) -> list[Any]:
-    """Run the callables at once; their results in order."""
-    results: list[Any] = [None] * len(jobs)
-    barrier = threading.Barrier(len(jobs))
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = jobs[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
 
 
 STREAMS = [
@@ -449,7 +432,6 @@ def test_a_full_queue_refuses_before_tokenizing(
 ) -> None:
     from textgen.generation.runner import ModelRunner
 
-    app = create_app(tiny_config(model_dirs, tmp_path, MAX_QUEUE=1, MAX_BATCH=1))
     prepared: list[int] = []
     real = ModelRunner.prepare
 
@@ -457,15 +439,12 @@ def test_a_full_queue_refuses_before_tokenizing(
         prepared.append(1)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(ModelRunner, "prepare", counting)
-    try:
-        for url in serve(app):
-            long = {"prompt": "Hi", "max_new_tokens": 200, "ignore_eos": True, "stream": True}
-            with requests.post(f"{url}/generate", json=long, stream=True, timeout=60) as r:
-                assert r.status_code == 200
-                refused = requests.post(f"{url}/generate", json={"prompt": "Hi"}, timeout=60)
-                assert refused.status_code == 429
-                assert refused.json()["error"]["code"] == "queue_full"
-            assert prepared == [1]  # the refused request was never tokenized
-    finally:
-        app.extensions["textgen.registry"].close()
+    with served(tiny_config(model_dirs, tmp_path, MAX_QUEUE=1, MAX_BATCH=1)) as url:
+        monkeypatch.setattr(ModelRunner, "prepare", counting)
+        long = {"prompt": "Hi", "max_new_tokens": 200, "ignore_eos": True, "stream": True}
+        with requests.post(f"{url}/generate", json=long, stream=True, timeout=60) as r:
+            assert r.status_code == 200
+            refused = requests.post(f"{url}/generate", json={"prompt": "Hi"}, timeout=60)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "queue_full"
+        assert prepared == [1]  # the refused request was never tokenized

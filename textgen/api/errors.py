@@ -9,22 +9,10 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from textgen.errors import QueueFull, RequestRejected
+from textgen.errors import TYPES_BY_STATUS, QueueFull, RequestRejected, error_body
 from textgen.models.registry import ModelsNotReady, UnknownModel
 
 log = logging.getLogger(__name__)
-
-TYPES_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
 
 
 class APIError(Exception):
@@ -76,8 +64,7 @@ def error_response(
     status: int, message: str, type_: str, param: str | None, code: str | None
 ) -> Response:
     """The JSON error body with its status."""
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    response = jsonify(body)
+    response = jsonify(error_body(message, type_, param, code))
     response.status_code = status
     return response
 

@@ -25,6 +25,7 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
+from textgen.errors import TYPES_BY_STATUS, error_body
 from textgen.server.framing import expects_continue, judge
 
 READ_CHUNK = 64 * 1024
@@ -38,7 +39,6 @@ REASONS = {
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
-TYPES = {429: "rate_limit_error", 503: "service_unavailable"}
 CODES = {
     400: "invalid_chunked_body",
     408: "request_timeout",
@@ -53,9 +53,8 @@ def error_bytes(
     status: int, reason: str, message: str, code: str | None, headers: dict[str, str]
 ) -> bytes:
     """A complete HTTP/1.1 error answer in textgen's JSON shape; the connection closes."""
-    kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    error = {"message": message, "type": kind, "param": None, "code": code}
-    body = json.dumps({"error": error}).encode()
+    kind = TYPES_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = json.dumps(error_body(message, kind, None, code)).encode()
     lines = [f"HTTP/1.1 {status} {reason}", "Connection: close"]
     lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
