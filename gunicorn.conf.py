@@ -12,15 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from textgen.config import ConfigError, available_cores, settings_from_env
 
 
 def _int_env(name: str, default: int) -> int:
+    """One of gunicorn's own GUNICORN_* variables (textgen's settings are validated by
+    textgen.config, the declaration every part reads)."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -33,18 +30,26 @@ def _int_env(name: str, default: int) -> int:
     return value
 
 
+# textgen.config imports neither torch nor the model stack (tests/test_layers.py).
+try:
+    _settings = settings_from_env()
+except ConfigError as exc:
+    sys.exit(f"textgen: {exc}")
+
 # --- Server socket ---------------------------------------------------------
-bind = os.environ.get("TEXTGEN_BIND", "127.0.0.1:8000")
+bind = _settings.bind
 backlog = 256
 
 # --- Workers and threads ---------------------------------------------------
 # Every worker runs torch on its own threads: workers x torch threads must not exceed the cores,
 # or the workers fight over them and all get slower. Default: one worker using every core
 # (one model copy, and batching within a worker pays better than more workers).
-_CORES = _cores()
+_CORES = available_cores()
 workers = _int_env("GUNICORN_WORKERS", 1)
-_torch_default = max(1, _CORES // workers)
-_torch_threads = _int_env("TEXTGEN_TORCH_THREADS", _torch_default)
+if os.environ.get("TEXTGEN_TORCH_THREADS"):
+    _torch_threads = _settings.torch_threads
+else:
+    _torch_threads = max(1, _CORES // workers)
 if workers * _torch_threads > _CORES:
     sys.exit(
         f"textgen: {workers} workers x {_torch_threads} torch threads = "
@@ -62,21 +67,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 worker_class = "textgen.server.worker.TextgenWorker"
 
 
-def _models_configured() -> int:
-    try:
-        from textgen.config import settings_from_env
-
-        return len(settings_from_env().models)
-    except Exception:  # on_starting reports a bad configuration
-        return 1
-
-
 # A streaming client holds a request thread for its whole request. Enough threads for every
 # request the engines admit (TEXTGEN_MAX_QUEUE per model) and 16 more for /health and quick
 # refusals: beyond that the engine answers 429 at once instead of requests waiting unseen.
-threads = _int_env(
-    "GUNICORN_THREADS", _int_env("TEXTGEN_MAX_QUEUE", 64) * _models_configured() + 16
-)
+threads = _int_env("GUNICORN_THREADS", _settings.max_queue * len(_settings.models) + 16)
 # gthread workers heartbeat from their main loop, not from request threads, so this bounds a
 # stuck worker, not a generation; it must exceed model loading, which runs in the background.
 timeout = _int_env("GUNICORN_TIMEOUT", 600)
@@ -101,7 +95,6 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 # --- Server hooks ------------------------------------------------------------
 def on_starting(server):
     """Download/convert every configured model once, before any worker starts, or stop."""
-    from textgen.config import ConfigError, settings_from_env
     from textgen.models.cache import ModelCache
     from textgen.models.sources import is_prepared
 
@@ -111,13 +104,8 @@ def on_starting(server):
     server.log.info(
         "textgen: %d worker(s) x %d torch thread(s) on %d cores", workers, _torch_threads, _CORES
     )
-    try:
-        settings = settings_from_env()
-    except ConfigError as exc:
-        server.log.error("textgen: %s", exc)
-        sys.exit(1)
-    cache = ModelCache(settings.model_cache)
-    if all(is_prepared(spec, cache, settings.compile) for spec in settings.models):
+    cache = ModelCache(_settings.model_cache)
+    if all(is_prepared(spec, cache, _settings.compile) for spec in _settings.models):
         return
     # Conversion imports torch, which must not happen in this process (see the top). A SIGTERM
     # or SIGINT meanwhile stops the conversion too, instead of leaving it running.

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from textgen.config import ConfigError, load_settings, settings_from_env
+from textgen.config import (
+    ConfigError,
+    load_settings,
+    setting_names,
+    settings_from_env,
+    settings_table,
+)
 
 
 def test_defaults() -> None:
@@ -44,3 +52,26 @@ def test_unknown_variable_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_settings_name_the_variable(values: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_settings(values)
+
+
+def test_readme_table_is_the_declaration() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- settings table:")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- end of settings table -->")
+    assert readme[start:end] == settings_table()
+
+
+def test_every_setting_is_documented_with_a_default() -> None:
+    table = settings_table()
+    for name in setting_names():
+        row = next(line for line in table.splitlines() if line.startswith(f"| `TEXTGEN_{name}`"))
+        variable, default, meaning = (cell.strip() for cell in row.strip("|").split("|"))
+        assert default and meaning, name
+
+
+def test_defaults_come_from_the_declaration() -> None:
+    settings = load_settings({})
+    assert settings.max_queue == 64
+    assert settings.read_timeout == 30.0
+    assert settings.bind == "127.0.0.1:8000"

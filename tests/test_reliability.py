@@ -430,7 +430,7 @@ def test_health_shows_no_file_paths(tmp_path: Path) -> None:
 def test_a_full_queue_refuses_before_tokenizing(
     model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from textgen.generation.runner import ModelRunner
+    from textgen.engine.runner import ModelRunner
 
     prepared: list[int] = []
     real = ModelRunner.prepare

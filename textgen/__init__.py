@@ -17,10 +17,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from textgen.api import generate, info, tokenize
     from textgen.api.errors import register_error_handlers
     from textgen.config import PREFIX, check_unknown_env, load_settings
-    from textgen.models.registry import ModelRegistry
     from textgen.openai import chat, completions
     from textgen.openai import models as openai_models
     from textgen.runtime import configure_torch
+    from textgen.service.registry import ModelRegistry
 
     app = Flask(__name__)
     if test_config is None:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from textgen.config import ConfigError, settings_from_env
+from textgen.config import ConfigError, settings_from_env, settings_table
 from textgen.models.cache import ModelCache
 from textgen.models.sources import ModelUnavailable, forget, is_prepared, prepare
 from textgen.models.specs import SpecError, parse_model_specs
@@ -71,3 +71,16 @@ def list_cache(as_json: bool) -> None:
             click.echo(f"{size}  converted  {entry['model']}  from {entry['gguf']}")
         else:
             click.echo(f"{size}  hub        {entry['repo']}  {', '.join(entry['revisions'])}")
+
+
+@main.command(name="settings")
+@click.option("--markdown", is_flag=True, help="Print the README's configuration table.")
+def show_settings(markdown: bool) -> None:
+    """Every setting with its default and meaning (or the effective values, as JSON)."""
+    if markdown:
+        click.echo(settings_table(), nl=False)
+        return
+    try:
+        click.echo(json.dumps(settings_from_env().public(), indent=2))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc

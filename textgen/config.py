@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, post_load, validate
+from marshmallow import RAISE, Schema, ValidationError, validate
 from marshmallow import fields as f
 
 from textgen.models.specs import ModelSpec, SpecError, parse_model_specs
@@ -18,51 +19,6 @@ PREFIX = "TEXTGEN"
 
 class ConfigError(Exception):
     """A setting is missing, malformed or out of range."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The validated configuration of one textgen process."""
-
-    models: tuple[ModelSpec, ...]
-    model_cache: Path
-    bind: str
-    load_mode: str
-    warmup: bool
-    compile: bool
-    torch_threads: int
-    max_prompts: int
-    max_prompt_tokens: int
-    max_new_tokens: int
-    default_max_new_tokens: int
-    max_sequences: int
-    max_stop_strings: int
-    max_body_bytes: int
-    max_batch: int
-    max_queue: int
-    max_queue_tokens: int
-    prefix_cache_tokens: int
-    draft_tokens: int
-    prefill_chunk_tokens: int
-    max_schema_bytes: int
-    grammar_timeout: float
-    max_timeout: float
-    read_timeout: float
-    stream_ping_s: float
-    hub_probe_timeout: float
-    log_level: str
-
-    def public(self) -> dict[str, Any]:
-        """The settings as JSON-ready values (there are no secrets among them yet)."""
-        out: dict[str, Any] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.name == "models":
-                value = [spec.describe() for spec in value]
-            elif isinstance(value, Path):
-                value = str(value)
-            out[field.name] = value
-        return out
 
 
 def default_cache_dir() -> str:
@@ -79,66 +35,176 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-class SettingsSchema(Schema):
-    """Types, ranges and defaults of every setting (keys are the names without the prefix)."""
+def setting(field: f.Field, doc: str, shown: str | None = None) -> Any:
+    """Declare a setting: its type, range and default (a marshmallow field), its one-line
+    documentation, and how the default reads in the README when it is computed."""
+    return dataclasses.field(metadata={"field": field, "doc": doc, "shown": shown})
 
-    class Meta:
-        unknown = RAISE
 
-    MODELS = f.Raw(load_default="smollm2-135m-instruct")
-    MODEL_CACHE = f.String(load_default=default_cache_dir, validate=validate.Length(min=1))
-    # Read by gunicorn.conf.py; validated and shown here with the rest.
-    BIND = f.String(
-        load_default="127.0.0.1:8000", validate=validate.Regexp(r"^(\S+:\d+|unix:\S+)$")
+def integer(default: Any, low: int | None = 1, high: int | None = None) -> f.Integer:
+    return f.Integer(load_default=default, validate=validate.Range(min=low, max=high))
+
+
+def number(default: float, low: float, high: float | None = None) -> f.Float:
+    return f.Float(load_default=default, validate=validate.Range(min=low, max=high))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one textgen process: every setting, declared once.
+
+    The README's configuration table is generated from these declarations (``textgen
+    settings --markdown``; a test keeps the two equal), and gunicorn.conf.py reads them too.
+    """
+
+    models: tuple[ModelSpec, ...] = setting(
+        f.Raw(load_default="smollm2-135m-instruct"),
+        "models to serve, the first is the default (see Models)",
     )
-    LOAD_MODE = f.String(load_default="background", validate=validate.OneOf(["background", "sync"]))
-    WARMUP = f.Boolean(load_default=True)
-    # Compile the decoder of int8/int4 Llama-shaped models (once, into the cache): 3-5x faster.
-    COMPILE = f.Boolean(load_default=True)
-    TORCH_THREADS = f.Integer(load_default=available_cores, validate=validate.Range(min=1, max=256))
-    MAX_PROMPTS = f.Integer(load_default=8, validate=validate.Range(min=1, max=256))
-    MAX_PROMPT_TOKENS = f.Integer(load_default=4096, validate=validate.Range(min=1))
-    MAX_NEW_TOKENS = f.Integer(load_default=1024, validate=validate.Range(min=1))
-    DEFAULT_MAX_NEW_TOKENS = f.Integer(load_default=64, validate=validate.Range(min=1))
-    MAX_SEQUENCES = f.Integer(load_default=16, validate=validate.Range(min=1, max=256))
-    MAX_STOP_STRINGS = f.Integer(load_default=8, validate=validate.Range(min=1, max=64))
-    MAX_BODY_BYTES = f.Integer(load_default=1 << 20, validate=validate.Range(min=1024))
-    MAX_BATCH = f.Integer(load_default=16, validate=validate.Range(min=1, max=512))
-    MAX_QUEUE = f.Integer(load_default=64, validate=validate.Range(min=1))
-    MAX_QUEUE_TOKENS = f.Integer(load_default=1 << 18, validate=validate.Range(min=1))
-    PREFIX_CACHE_TOKENS = f.Integer(load_default=1024, validate=validate.Range(min=0))
-    DRAFT_TOKENS = f.Integer(load_default=3, validate=validate.Range(min=0, max=16))
-    PREFILL_CHUNK_TOKENS = f.Integer(load_default=256, validate=validate.Range(min=16))
-    MAX_SCHEMA_BYTES = f.Integer(load_default=65536, validate=validate.Range(min=256))
-    GRAMMAR_TIMEOUT = f.Float(load_default=10.0, validate=validate.Range(min=0.1, max=600))
-    # The whole request (headers and body) must arrive within this, or 408 (slow clients).
-    READ_TIMEOUT = f.Float(load_default=30.0, validate=validate.Range(min=0.1, max=600))
-    MAX_TIMEOUT = f.Float(load_default=600.0, validate=validate.Range(min=0.1))
-    STREAM_PING_S = f.Float(load_default=5.0, validate=validate.Range(min=0.05, max=300))
-    HUB_PROBE_TIMEOUT = f.Float(load_default=3.0, validate=validate.Range(min=0.1, max=120))
-    LOG_LEVEL = f.String(
-        load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
+    model_cache: Path = setting(
+        f.String(load_default=default_cache_dir, validate=validate.Length(min=1)),
+        "the model cache directory (a Docker volume)",
+        "`~/.cache/textgen`",
+    )
+    bind: str = setting(
+        f.String(load_default="127.0.0.1:8000", validate=validate.Regexp(r"^(\S+:\d+|unix:\S+)$")),
+        "gunicorn's listen address",
+    )
+    torch_threads: int = setting(
+        integer(available_cores, 1, 256),
+        "torch threads per worker (workers x threads may not exceed the cores)",
+        "cores / workers",
+    )
+    load_mode: str = setting(
+        f.String(load_default="background", validate=validate.OneOf(["background", "sync"])),
+        "`background`: serve `/health` (503) while loading; `sync`: load inside `create_app`",
+    )
+    warmup: bool = setting(
+        f.Boolean(load_default=True), "one short generation per model before reporting ready"
+    )
+    # Compiled int8/int4 decoders of Llama-shaped models are 3-5x faster (bench/RESULTS.md).
+    compile: bool = setting(
+        f.Boolean(load_default=True),
+        "compile the decoder of int8 and int4 Llama-shaped models (once, into the cache; "
+        "needs a C++ compiler)",
+    )
+    max_prompts: int = setting(integer(8, 1, 256), "prompts per request")
+    max_prompt_tokens: int = setting(integer(4096), "tokens per prompt")
+    max_new_tokens: int = setting(integer(1024), "cap on `max_new_tokens`")
+    default_max_new_tokens: int = setting(integer(64), "when a request gives none")
+    max_sequences: int = setting(integer(16, 1, 256), "cap on `num_beams x num_return_sequences`")
+    max_stop_strings: int = setting(integer(8, 1, 64), "stop strings per request")
+    max_body_bytes: int = setting(integer(1 << 20, 1024), "request body size (then 413)")
+    max_batch: int = setting(integer(16, 1, 512), "sequences decoded together per model")
+    max_queue: int = setting(integer(64), "unfinished requests per model and worker (then 429)")
+    max_queue_tokens: int = setting(
+        integer(1 << 18), "tokens those requests may still generate (then 429)"
+    )
+    prefix_cache_tokens: int = setting(
+        integer(1024, 0),
+        "prompt tokens per model and worker whose keys and values are kept, so a prompt that "
+        "starts like a recent one computes only the rest (0: off)",
+    )
+    draft_tokens: int = setting(
+        integer(3, 0, 16),
+        "tokens a lone greedy request guesses from its own text and checks in one step of the "
+        "compiled decoder (0: off; see Drafts)",
+    )
+    prefill_chunk_tokens: int = setting(
+        integer(256, 16),
+        "prompt tokens computed per engine step; a long prompt takes turns with the running "
+        "requests' decode steps",
+    )
+    max_schema_bytes: int = setting(
+        integer(65536, 256),
+        "size of a `response_format` JSON schema (then 400 `schema_too_large`)",
+    )
+    grammar_timeout: float = setting(
+        number(10.0, 0.1, 600),
+        "seconds a JSON schema may take to compile (then 400 `schema_too_complex`)",
+    )
+    # Slow clients: the whole request must arrive within this (textgen/server/worker.py).
+    read_timeout: float = setting(
+        number(30.0, 0.1, 600),
+        "seconds a client has to send its whole request, headers and body (then 408)",
+    )
+    max_timeout: float = setting(
+        number(600.0, 0.1), "cap and default for a request's `timeout` (seconds)"
+    )
+    stream_ping_s: float = setting(
+        number(5.0, 0.05, 300), "seconds of silence before a stream sends `: ping`"
+    )
+    hub_probe_timeout: float = setting(
+        number(3.0, 0.1, 120), "seconds to decide the Hugging Face Hub is unreachable"
+    )
+    log_level: str = setting(
+        f.String(
+            load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
+        ),
+        "`DEBUG`, `INFO`, `WARNING` or `ERROR`",
     )
 
-    @post_load
-    def make_settings(self, data: dict[str, Any], **_: Any) -> Settings:
-        try:
-            models = parse_model_specs(data["MODELS"])
-        except SpecError as exc:
-            raise ValidationError(str(exc), field_name="MODELS") from exc
-        if data["DEFAULT_MAX_NEW_TOKENS"] > data["MAX_NEW_TOKENS"]:
-            raise ValidationError(
-                "must not exceed TEXTGEN_MAX_NEW_TOKENS", field_name="DEFAULT_MAX_NEW_TOKENS"
-            )
-        values = {key.lower(): value for key, value in data.items()}
-        values["models"] = tuple(models)
-        values["model_cache"] = Path(data["MODEL_CACHE"]).expanduser().resolve()
-        return Settings(**values)
+    def public(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (there are no secrets among them yet)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "models":
+                value = [spec.describe() for spec in value]
+            elif isinstance(value, Path):
+                value = str(value)
+            out[field.name] = value
+        return out
+
+
+def settings_schema() -> Schema:
+    """A schema of every declared setting (keys are the names without the prefix)."""
+    declared = {
+        field.name.upper(): field.metadata["field"] for field in dataclasses.fields(Settings)
+    }
+    return Schema.from_dict(declared, name="SettingsSchema")(unknown=RAISE)
+
+
+def make_settings(data: dict[str, Any]) -> Settings:
+    """Settings from loaded values, with the checks that span settings."""
+    try:
+        models = parse_model_specs(data["MODELS"])
+    except SpecError as exc:
+        raise ValidationError(str(exc), field_name="MODELS") from exc
+    if data["DEFAULT_MAX_NEW_TOKENS"] > data["MAX_NEW_TOKENS"]:
+        raise ValidationError(
+            "must not exceed TEXTGEN_MAX_NEW_TOKENS", field_name="DEFAULT_MAX_NEW_TOKENS"
+        )
+    values = {key.lower(): value for key, value in data.items()}
+    values["models"] = tuple(models)
+    values["model_cache"] = Path(data["MODEL_CACHE"]).expanduser().resolve()
+    return Settings(**values)
+
+
+def settings_table() -> str:
+    """The README's configuration table, from the declarations."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for field in dataclasses.fields(Settings):
+        meta = field.metadata
+        rows.append(
+            f"| `{PREFIX}_{field.name.upper()}` | {meta['shown'] or shown_default(meta['field'])}"
+            f" | {meta['doc']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def shown_default(field: f.Field) -> str:
+    value = field.load_default
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if isinstance(value, int) else f"`{value}`"
 
 
 def setting_names() -> list[str]:
     """Every setting's name without the prefix."""
-    return sorted(SettingsSchema().fields)
+    return sorted(field.name.upper() for field in dataclasses.fields(Settings))
 
 
 def load_settings(values: Mapping[str, Any]) -> Settings:
@@ -146,7 +212,7 @@ def load_settings(values: Mapping[str, Any]) -> Settings:
     known = set(setting_names())
     ours = {key: value for key, value in values.items() if key in known}
     try:
-        return SettingsSchema().load(ours)
+        return make_settings(settings_schema().load(ours))
     except ValidationError as exc:
         problems = "; ".join(
             f"{PREFIX}_{key}: {' '.join(map(str, msgs)) if isinstance(msgs, list) else msgs}"

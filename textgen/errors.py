@@ -33,6 +33,14 @@ class RequestRejected(ValueError):
         self.code = code
 
 
+class UnknownModel(LookupError):
+    """No model of that name is configured."""
+
+
+class ModelsNotReady(RuntimeError):
+    """Models are still loading, or loading failed."""
+
+
 class QueueFull(Exception):
     """The engine holds as much work as it may; try again after ``retry_after`` seconds."""
 

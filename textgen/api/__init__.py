@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import current_app
 
-from textgen.models.registry import ModelRegistry
+if TYPE_CHECKING:  # the schemas in this package are read without the model stack
+    from textgen.service.registry import ModelRegistry
 
 
 def current_registry() -> ModelRegistry:

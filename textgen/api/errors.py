@@ -9,8 +9,14 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from textgen.errors import TYPES_BY_STATUS, QueueFull, RequestRejected, error_body
-from textgen.models.registry import ModelsNotReady, UnknownModel
+from textgen.errors import (
+    TYPES_BY_STATUS,
+    ModelsNotReady,
+    QueueFull,
+    RequestRejected,
+    UnknownModel,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 

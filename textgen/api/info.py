@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -44,10 +45,8 @@ def get_info() -> Response:
     import torch
     import transformers
 
-    from textgen import __version__
-
     body: dict[str, Any] = {
-        "version": __version__,
+        "version": version("textgen"),
         "pid": os.getpid(),
         "torch": {
             "version": torch.__version__,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from textgen.engine.events import Event, Failed, Finished, TokenLogprob
-from textgen.generation.runner import Job
+from textgen.engine.runner import Job
 
 
 @dataclass(frozen=True)

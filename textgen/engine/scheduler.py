@@ -18,10 +18,10 @@ from textgen.engine.events import Finished
 from textgen.engine.metrics import EngineMetrics
 from textgen.engine.prefix import PrefixCache
 from textgen.engine.request import RequestHandle
+from textgen.engine.runner import Job, ModelRunner
 from textgen.engine.sequence import Row
 from textgen.errors import QueueFull, RequestRejected
 from textgen.generation.finish import FinishReason
-from textgen.generation.runner import Job, ModelRunner
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Generation: strategy presets, stop strings, prompt assembly and the model runner."""
+"""Generation rules without a model: strategy presets, stop strings, why an output ends, prompts."""

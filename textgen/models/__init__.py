@@ -1,1 +1,1 @@
-"""Model specs, the on-disk model cache, loading, and the per-worker registry."""
+"""Model specs, the on-disk model cache, conversion, quantization and loading."""

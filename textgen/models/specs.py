@@ -39,9 +39,6 @@ def embedded_default() -> str:
     return "int4" if AVX512 <= set(cpu_flags().split()) else "int8"
 
 
-DEFAULT_DTYPE = {"embedded": embedded_default()}
-
-
 class SpecError(ValueError):
     """A model entry cannot be understood."""
 
@@ -114,7 +111,7 @@ def make_spec(
     name = (name or default_name(source, kind)).strip()
     if not _NAME.match(name):
         raise SpecError(f"model name {name!r} must be 1-128 letters, digits or . _ - / :")
-    dtype = dtype or DEFAULT_DTYPE.get(kind, "float32")
+    dtype = dtype or (embedded_default() if kind == "embedded" else "float32")
     if dtype not in DTYPES:
         raise SpecError(f"model {name!r}: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     source = source.removeprefix("embedded:")

@@ -17,8 +17,8 @@ from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.request import RequestHandle
 from textgen.engine.submission import Submission
-from textgen.models.registry import ModelRegistry
 from textgen.openai.protocol import OpenAIRequest, OpenAISchema
+from textgen.service.registry import ModelRegistry
 
 
 @dataclass(frozen=True)

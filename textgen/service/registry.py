@@ -10,24 +10,16 @@ from typing import Any
 from textgen.config import Settings
 from textgen.engine.events import Failed, Finished
 from textgen.engine.grammar import GrammarLimits
+from textgen.engine.runner import Limits, ModelRunner
 from textgen.engine.scheduler import Engine, EngineLimits
 from textgen.engine.submission import Submission
-from textgen.errors import without_paths
+from textgen.errors import ModelsNotReady, UnknownModel, without_paths
 from textgen.generation.prompts import PromptInput
-from textgen.generation.runner import Limits, ModelRunner
 from textgen.generation.strategies import GenerationParams
 from textgen.models.cache import ModelCache
 from textgen.models.loading import load_model
 
 log = logging.getLogger(__name__)
-
-
-class UnknownModel(LookupError):
-    """No model of that name is configured."""
-
-
-class ModelsNotReady(RuntimeError):
-    """Models are still loading, or loading failed."""
 
 
 class ModelRegistry:
