@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 
 from tests.conftest import tiny_config
 from textgen import create_app
-from textgen.models import registry as registry_module
+from textgen.service import registry as registry_module
 
 
 def test_health_ok_when_loaded(client: FlaskClient) -> None:

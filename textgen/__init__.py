@@ -13,8 +13,10 @@ __version__ = "0.1.0"
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    """Build the app: settings, error handlers, routes and this worker's model registry."""
+    """Build the app: settings, routes and their OpenAPI document, error handlers, and this
+    worker's model registry."""
     from textgen.api import generate, info, tokenize
+    from textgen.api.docs import init_docs
     from textgen.api.errors import register_error_handlers
     from textgen.config import PREFIX, check_unknown_env, load_settings
     from textgen.openai import chat, completions
@@ -36,9 +38,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     configure_torch(settings.torch_threads)
 
+    app.extensions["textgen.settings"] = settings  # the caps request validation reads
+    api = init_docs(app)
+    for module in (generate, tokenize, info, completions, chat, openai_models):
+        api.register_blueprint(module.bp)
+    # After the docs: their error handler is replaced by textgen's one error shape.
     register_error_handlers(app)
-    for module in (generate, info, tokenize, completions, chat, openai_models):
-        app.register_blueprint(module.bp)
 
     registry = ModelRegistry(settings)
     app.extensions["textgen.registry"] = registry

@@ -80,6 +80,12 @@ class StringOrList(fields.Field):
     }
 
     def __init__(self, max_chars: int | None = None, **kwargs: Any) -> None:
+        text: dict[str, Any] = {"type": "string", "minLength": 1}
+        if max_chars is not None:
+            text["maxLength"] = max_chars
+        kwargs.setdefault(
+            "metadata", {"oneOf": [text, {"type": "array", "items": text, "minItems": 1}]}
+        )
         super().__init__(**kwargs)
         self.max_chars = max_chars
 
@@ -109,6 +115,20 @@ class LogitBias(fields.Field):
         "range": "Biases must be between {min} and {max}.",
         "too_many": "At most {max} entries.",
     }
+
+    def __init__(self, **kwargs: Any) -> None:
+        spec = RANGES["logit_bias"]
+        bias = {"type": "number", "minimum": spec["min"], "maximum": spec["max"]}
+        kwargs.setdefault(
+            "metadata",
+            {
+                "type": "object",
+                "description": "token id (as a string) -> bias added to its logit",
+                "additionalProperties": bias,
+                "maxProperties": spec["max_items"],
+            },
+        )
+        super().__init__(**kwargs)
 
     def _deserialize(
         self, value: Any, attr: str | None, data: Any, **kwargs: Any

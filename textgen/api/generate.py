@@ -8,30 +8,52 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Response, request
 
 from textgen.api import current_registry
-from textgen.api.schemas import GenerateRequest, GenerateSchema, load_body
+from textgen.api.docs import GENERATES, Blueprint
+from textgen.api.responses import GENERATION_EVENTS, GenerationSchema
+from textgen.api.schemas import GenerateRequest, GenerateSchema
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished
 from textgen.engine.request import RequestHandle
 from textgen.engine.submission import Submission
 
-bp = Blueprint("generate", __name__)
+bp = Blueprint("generate", __name__, description="Native generation: prompts x models x strategies")
+
+EXAMPLE = {"prompt": "The capital of France is", "strategy": "greedy", "max_new_tokens": 8}
+STREAM_EXAMPLE = (
+    'data: {"model": "smollm2-135m-instruct", "prompt_index": 0, "index": 0, "text": " Paris"}'
+    "\n\n"
+    'data: {"model": "smollm2-135m-instruct", "prompt_index": 0, "index": 0, "text": "", '
+    '"finish_reason": "length", "completion_tokens": 8}\n\n'
+    'data: {"id": "gen-...", "object": "generation", "created": 1764547200, "usage": {...}, '
+    '"results": [...]}\n\n'
+    "data: [DONE]\n\n"
+)
 
 
 @bp.post("/generate")
-def create_generation() -> Response:
-    """Generate text for the body's prompt(s) with each requested model."""
+@bp.arguments(GenerateSchema, example=EXAMPLE)
+@bp.response(200, GenerationSchema)
+@bp.streams(GENERATION_EVENTS, STREAM_EXAMPLE)
+@bp.errors(*GENERATES)
+def create_generation(body: GenerateRequest) -> Response | dict[str, Any]:
+    """Generate text for each prompt with each model.
+
+    One prompt or a batch (`prompt` as a list), or chat `messages`; one `model` or several
+    (`models`: each gets the same prompts and settings, for comparison); a `strategy` (greedy,
+    beam, sampling, top_k) and its knobs. With `"stream": true` the answer is server-sent
+    events.
+    """
     registry = current_registry()
-    body: GenerateRequest = load_body(GenerateSchema(registry.settings))
     engines = [registry.engine(name) for name in body.models]
     submission = Submission.start(engines, body.prompts, body.params, body.timeout)
     sock = request.environ.get("gunicorn.socket")
     if body.stream:
         ping_s = registry.settings.stream_ping_s
         return sse_response(stream_generation(submission, sock, ping_s))
-    return jsonify(collect_generation(submission, sock))
+    return collect_generation(submission, sock)
 
 
 def collect_generation(submission: Submission, sock: socket.socket | None) -> dict[str, Any]:

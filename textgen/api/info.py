@@ -6,41 +6,49 @@ import os
 from importlib.metadata import version
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
-
 from textgen.api import current_registry
+from textgen.api.docs import Blueprint
+from textgen.api.responses import HealthSchema, InfoSchema, ModelListSchema, StrategyListSchema
 from textgen.api.schemas import parameter_ranges
 from textgen.generation.strategies import describe_strategies
 from textgen.models.memory import process_memory
 
-bp = Blueprint("info", __name__)
+bp = Blueprint("info", __name__, description="Health, models, strategies and server info")
 
 
 @bp.get("/health")
-def get_health() -> tuple[Response, int, dict[str, str]] | Response:
-    """200 once every model is loaded and warmed up; 503 with the reason before that."""
+@bp.response(200, HealthSchema)
+@bp.alt_response(503, schema=HealthSchema, description="still loading, or loading failed")
+def get_health() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
+    """Whether every model is loaded and warmed up.
+
+    200 once they are; 503 with the current step (or why loading failed) before that.
+    """
     status = current_registry().status()
     if status["status"] == "ready":
-        return jsonify({"status": "ok", **{k: v for k, v in status.items() if k != "status"}})
-    return jsonify(status), 503, {"Retry-After": "5"}
+        return {"status": "ok", **{k: v for k, v in status.items() if k != "status"}}
+    return status, 503, {"Retry-After": "5"}
 
 
 @bp.get("/models")
-def list_models() -> Response:
+@bp.response(200, ModelListSchema)
+def list_models() -> dict[str, Any]:
     """Every configured model with its source, size, dtype and context length."""
     reg = current_registry()
-    return jsonify({"default": reg.default_name, "models": reg.describe()})
+    return {"default": reg.default_name, "models": reg.describe()}
 
 
 @bp.get("/strategies")
-def list_strategies() -> Response:
-    """The decoding strategies, their settings and the parameters each accepts."""
+@bp.response(200, StrategyListSchema)
+def list_strategies() -> dict[str, Any]:
+    """The decoding strategies, what each fixes and the parameters it accepts."""
     ranges = parameter_ranges(current_registry().settings)
-    return jsonify({"strategies": describe_strategies(ranges)})
+    return {"strategies": describe_strategies(ranges)}
 
 
 @bp.get("/info")
-def get_info() -> Response:
+@bp.response(200, InfoSchema)
+def get_info() -> dict[str, Any]:
     """Versions, the torch thread setup and the effective settings (no secrets)."""
     import torch
     import transformers
@@ -59,4 +67,4 @@ def get_info() -> Response:
         # This worker's memory; PSS divides the pages workers share (the mapped weights).
         "memory": process_memory(),
     }
-    return jsonify(body)
+    return body

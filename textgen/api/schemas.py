@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import request
+from flask import current_app
 from marshmallow import (
     RAISE,
     Schema,
@@ -16,8 +16,6 @@ from marshmallow import (
     validates_schema,
 )
 
-from textgen.api.body import BodyError, parse_object
-from textgen.api.errors import InvalidRequest
 from textgen.api.fields import (
     RANGES,
     LogitBias,
@@ -52,6 +50,13 @@ SHARED_KNOBS = (
 )
 
 
+def server_caps() -> Settings:
+    """This server's limits, which validation narrows the static ranges with (create_app
+    puts them in the app, so schemas need no constructor arguments)."""
+    settings: Settings = current_app.extensions["textgen.settings"]
+    return settings
+
+
 class MessageSchema(Schema):
     """One chat message."""
 
@@ -82,13 +87,9 @@ class SharedSchema(Schema):
     stream = StrictBoolean()
     timeout = StrictFloat(validate=in_range("timeout"))
 
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
-
     @validates_schema
     def check_caps(self, data: dict[str, Any], **_: Any) -> None:
-        caps = self.settings
+        caps = server_caps()
         if len(data.get("stop", ())) > caps.max_stop_strings:
             raise ValidationError(f"at most {caps.max_stop_strings} stop strings", "stop")
         if data.get("timeout", 0) > caps.max_timeout:
@@ -98,13 +99,12 @@ class SharedSchema(Schema):
 
     def check_new_tokens(self, value: int | None, name: str) -> None:
         """A requested number of new tokens must fit the server's cap."""
-        if value is not None and value > self.settings.max_new_tokens:
-            raise ValidationError(
-                f"must be at most {self.settings.max_new_tokens} on this server", name
-            )
+        cap = server_caps().max_new_tokens
+        if value is not None and value > cap:
+            raise ValidationError(f"must be at most {cap} on this server", name)
 
     def deadline_s(self, data: dict[str, Any]) -> float:
-        return float(data.get("timeout", self.settings.max_timeout))
+        return float(data.get("timeout", server_caps().max_timeout))
 
 
 def resolve(fields: dict[str, Any]) -> GenerationParams:
@@ -127,7 +127,7 @@ class GenerateRequest:
 
 
 class GenerateSchema(SharedSchema):
-    """POST /generate. Caps come from the server's settings."""
+    """POST /generate: prompts or chat messages, the models, the strategy and its knobs."""
 
     prompt = StringOrList()
     messages = fields.List(fields.Nested(MessageSchema), validate=validate.Length(min=1))
@@ -147,7 +147,7 @@ class GenerateSchema(SharedSchema):
 
     @validates_schema
     def check_combinations(self, data: dict[str, Any], **_: Any) -> None:
-        caps = self.settings
+        caps = server_caps()
         exclusive = (("prompt", "messages"), ("model", "models"), ("max_new_tokens", "max_length"))
         for first, second in exclusive:
             if first in data and second in data:
@@ -201,14 +201,3 @@ def parameter_ranges(settings: Settings) -> dict[str, dict[str, Any]]:
     ranges["stop"]["max_items"] = settings.max_stop_strings
     ranges["timeout"].update(max=settings.max_timeout, default=settings.max_timeout)
     return ranges
-
-
-def load_body(schema: Schema) -> Any:
-    """Parse the request's JSON object body with a schema; any problem is a 400 naming it."""
-    # Any Content-Type: curl -d sends form encoding unless told otherwise. get_data enforces
-    # the body limit (a 413), chunked bodies included.
-    try:
-        body = parse_object(request.get_data(cache=True))
-    except BodyError as exc:
-        raise InvalidRequest(str(exc), exc.param, code="invalid_json") from None
-    return schema.load(body)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
 from marshmallow import (
     RAISE,
     Schema,
@@ -16,12 +15,16 @@ from marshmallow import (
 )
 
 from textgen.api import current_registry
+from textgen.api.docs import READS_MODEL, Blueprint
 from textgen.api.fields import StrictBoolean, StrictInteger
-from textgen.api.schemas import MessageSchema, load_body
+from textgen.api.responses import DetokenizeResponseSchema, TokenizeResponseSchema
+from textgen.api.schemas import MessageSchema
 from textgen.errors import RequestRejected
 from textgen.generation.prompts import PromptInput
 
-bp = Blueprint("tokenize", __name__)
+bp = Blueprint(
+    "tokenize", __name__, description="The model's tokenizer, for counting and debugging"
+)
 
 
 class TokenizeSchema(Schema):
@@ -59,9 +62,15 @@ class DetokenizeSchema(Schema):
 
 
 @bp.post("/tokenize")
-def tokenize() -> Response:
-    """Token ids, their pieces and count, and the model's context length."""
-    model, prompt = load_body(TokenizeSchema())
+@bp.arguments(TokenizeSchema, example={"prompt": "Hello world"})
+@bp.response(200, TokenizeResponseSchema)
+@bp.errors(*READS_MODEL)
+def tokenize(body: tuple[str | None, PromptInput]) -> dict[str, Any]:
+    """Turn a prompt (or chat messages, through the chat template) into token ids.
+
+    Gives the ids, their pieces and count, and the model's context length.
+    """
+    model, prompt = body
     runner = current_registry().engine(model).runner
     ids = runner.tokenize(prompt)
     cap = runner.limits.max_prompt_tokens
@@ -72,21 +81,21 @@ def tokenize() -> Response:
             "prompt_too_long",
         )
     tokenizer = runner.loaded.tokenizer
-    return jsonify(
-        {
-            "model": runner.name,
-            "tokens": ids,
-            "pieces": tokenizer.convert_ids_to_tokens(ids),
-            "count": len(ids),
-            "max_model_len": runner.loaded.context_length,
-        }
-    )
+    return {
+        "model": runner.name,
+        "tokens": ids,
+        "pieces": tokenizer.convert_ids_to_tokens(ids),
+        "count": len(ids),
+        "max_model_len": runner.loaded.context_length,
+    }
 
 
 @bp.post("/detokenize")
-def detokenize() -> Response:
-    """The text of a list of token ids, and each token's piece."""
-    body = load_body(DetokenizeSchema())
+@bp.arguments(DetokenizeSchema, example={"tokens": [19556, 905]})
+@bp.response(200, DetokenizeResponseSchema)
+@bp.errors(*READS_MODEL)
+def detokenize(body: dict[str, Any]) -> dict[str, Any]:
+    """Turn token ids back into text, with each token's piece."""
     runner = current_registry().engine(body.get("model")).runner
     tokenizer = runner.loaded.tokenizer
     if len(body["tokens"]) > runner.limits.max_prompt_tokens:
@@ -94,10 +103,8 @@ def detokenize() -> Response:
         raise ValidationError(f"at most {cap} token ids", "tokens")
     if any(token >= len(tokenizer) for token in body["tokens"]):
         raise ValidationError(f"token ids must be below {len(tokenizer)}", "tokens")
-    return jsonify(
-        {
-            "model": runner.name,
-            "prompt": tokenizer.decode(body["tokens"]),
-            "pieces": tokenizer.convert_ids_to_tokens(body["tokens"]),
-        }
-    )
+    return {
+        "model": runner.name,
+        "prompt": tokenizer.decode(body["tokens"]),
+        "pieces": tokenizer.convert_ids_to_tokens(body["tokens"]),
+    }

@@ -4,21 +4,44 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Response
 
+from textgen.api.docs import GENERATES, Blueprint
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.request import RequestHandle
-from textgen.openai.protocol import ChatCompletionSchema
+from textgen.openai.protocol import ChatCompletionSchema, OpenAIRequest
+from textgen.openai.responses import CHAT_EVENTS, ChatCompletionResponseSchema
 from textgen.openai.serving import Reply, StreamParts, finish_reason, respond
 
-bp = Blueprint("chat", __name__)
+bp = Blueprint("chat", __name__, description="OpenAI-compatible chat completions")
+
+EXAMPLE = {
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 16,
+    "temperature": 0,
+}
+STREAM_EXAMPLE = (
+    'data: {"id": "chatcmpl-...", "object": "chat.completion.chunk", "created": 1764547200, '
+    '"model": "smollm2-135m-instruct", "choices": [{"index": 0, "delta": {"content": "Paris"}, '
+    '"logprobs": null, "finish_reason": null}]}\n\n'
+    "data: [DONE]\n\n"
+)
 
 
 @bp.post("/v1/chat/completions")
-def create_chat_completion() -> Response:
-    """OpenAI chat completion through the model's chat template, whole or streamed."""
+@bp.arguments(ChatCompletionSchema, example=EXAMPLE)
+@bp.response(200, ChatCompletionResponseSchema)
+@bp.streams(CHAT_EVENTS, STREAM_EXAMPLE)
+@bp.errors(*GENERATES)
+def create_chat_completion(body: OpenAIRequest) -> Response | dict[str, Any]:
+    """Answer a conversation through the model's chat template, whole or streamed.
+
+    `response_format` `json_object` or `json_schema` constrains the output to valid JSON
+    (schema-valid for the latter); `logprobs` and `top_logprobs`, `n`, `stop` and `seed` work
+    as in OpenAI's API.
+    """
     return respond(
-        ChatCompletionSchema,
+        body,
         "chatcmpl",
         "chat.completion",
         "chat.completion.chunk",

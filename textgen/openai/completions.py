@@ -5,22 +5,41 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Response
 
+from textgen.api.docs import GENERATES, Blueprint
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.request import RequestHandle
-from textgen.openai.protocol import CompletionSchema
+from textgen.openai.protocol import CompletionSchema, OpenAIRequest
+from textgen.openai.responses import COMPLETION_EVENTS, CompletionResponseSchema
 from textgen.openai.serving import Reply, StreamParts, finish_reason, respond, top_entries
 
-bp = Blueprint("completions", __name__)
+bp = Blueprint("completions", __name__, description="OpenAI-compatible text completions")
+
+STREAM_EXAMPLE = (
+    'data: {"id": "cmpl-...", "object": "text_completion", "created": 1764547200, '
+    '"model": "smollm2-135m-instruct", "choices": [{"index": 0, "text": " Paris", '
+    '"logprobs": null, "finish_reason": null}]}\n\n'
+    "data: [DONE]\n\n"
+)
 
 
 @bp.post("/v1/completions")
-def create_completion() -> Response:
-    """OpenAI text completion, whole or streamed."""
-    return respond(
-        CompletionSchema, "cmpl", "text_completion", "text_completion", choice, stream_parts
-    )
+@bp.arguments(
+    CompletionSchema,
+    example={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+)
+@bp.response(200, CompletionResponseSchema)
+@bp.streams(COMPLETION_EVENTS, STREAM_EXAMPLE)
+@bp.errors(*GENERATES)
+def create_completion(body: OpenAIRequest) -> Response | dict[str, Any]:
+    """Complete a prompt (OpenAI's legacy completions API), whole or streamed.
+
+    `prompt` is a string, a list of strings, token ids or a list of those; `temperature` 0 is
+    greedy decoding, anything else samples; `logprobs`, `echo`, `n`, `stop` and `seed` work as
+    in OpenAI's API.
+    """
+    return respond(body, "cmpl", "text_completion", "text_completion", choice, stream_parts)
 
 
 def choice(reply: Reply, finished: Finished) -> dict[str, Any]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
-
 from textgen.api import current_registry
+from textgen.api.docs import Blueprint
 from textgen.api.errors import NotFound
+from textgen.api.responses import ErrorSchema
+from textgen.openai.responses import OpenAIModelListSchema, OpenAIModelSchema
 
-bp = Blueprint("openai_models", __name__)
+bp = Blueprint("openai_models", __name__, description="OpenAI-compatible model listing")
 
 
 def model_object(entry: dict[str, Any], created: int) -> dict[str, Any]:
@@ -25,20 +26,21 @@ def model_object(entry: dict[str, Any], created: int) -> dict[str, Any]:
 
 
 @bp.get("/v1/models")
-def list_models() -> Response:
+@bp.response(200, OpenAIModelListSchema)
+def list_models() -> dict[str, Any]:
     """Every configured model."""
     registry = current_registry()
     created = registry.started_at
-    return jsonify(
-        {"object": "list", "data": [model_object(m, created) for m in registry.describe()]}
-    )
+    return {"object": "list", "data": [model_object(m, created) for m in registry.describe()]}
 
 
 @bp.get("/v1/models/<path:model_id>")
-def retrieve_model(model_id: str) -> Response:
+@bp.response(200, OpenAIModelSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="no such model")
+def retrieve_model(model_id: str) -> dict[str, Any]:
     """One model by id (ids may contain slashes, as Hub ids do)."""
     registry = current_registry()
     for entry in registry.describe():
         if entry["name"] == model_id:
-            return jsonify(model_object(entry, registry.started_at))
+            return model_object(entry, registry.started_at)
     raise NotFound(f"model {model_id!r} does not exist", "model", "model_not_found")

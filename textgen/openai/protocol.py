@@ -18,7 +18,7 @@ from marshmallow import (
 )
 
 from textgen.api.fields import StrictBoolean, StrictFloat, StrictInteger
-from textgen.api.schemas import SHARED_KNOBS, SharedSchema, resolve
+from textgen.api.schemas import SHARED_KNOBS, SharedSchema, resolve, server_caps
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
 
@@ -31,6 +31,22 @@ class PromptField(fields.Field):
         "or a list of such lists).",
         "empty": "Must not be empty.",
     }
+
+    def __init__(self, **kwargs: Any) -> None:
+        ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+        text = {"type": "string", "minLength": 1}
+        kwargs.setdefault(
+            "metadata",
+            {
+                "oneOf": [
+                    text,
+                    {"type": "array", "items": text, "minItems": 1},
+                    ids,
+                    {"type": "array", "items": ids, "minItems": 1},
+                ]
+            },
+        )
+        super().__init__(**kwargs)
 
     def _deserialize(
         self, value: Any, attr: str | None, data: Any, **kwargs: Any
@@ -72,6 +88,17 @@ class MessageContentField(fields.Field):
         "unsupported": "Only text content parts are supported; got type {kind!r}.",
     }
 
+    def __init__(self, **kwargs: Any) -> None:
+        part = {
+            "type": "object",
+            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+            "required": ["type", "text"],
+        }
+        kwargs.setdefault(
+            "metadata", {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]}
+        )
+        super().__init__(**kwargs)
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         if isinstance(value, str):
             return value
@@ -111,8 +138,9 @@ class OpenAISchema(SharedSchema):
 
     @validates_schema
     def check_n(self, data: dict[str, Any], **_: Any) -> None:
-        if data.get("n", 1) > self.settings.max_sequences:
-            raise ValidationError(f"must be at most {self.settings.max_sequences}", "n")
+        cap = server_caps().max_sequences
+        if data.get("n", 1) > cap:
+            raise ValidationError(f"must be at most {cap}", "n")
         if "stream_options" in data and not data.get("stream"):
             raise ValidationError("only allowed with stream=true", "stream_options")
 
@@ -191,8 +219,9 @@ class CompletionSchema(OpenAISchema):
             raise ValidationError("suffix (insertion) is not supported by this server", "suffix")
         if data.get("best_of") not in (None, 1, data.get("n", 1)):
             raise ValidationError("best_of other than n is not supported", "best_of")
-        if len(data["prompt"]) > self.settings.max_prompts:
-            raise ValidationError(f"at most {self.settings.max_prompts} prompts", "prompt")
+        cap = server_caps().max_prompts
+        if len(data["prompt"]) > cap:
+            raise ValidationError(f"at most {cap} prompts", "prompt")
         self.check_new_tokens(data.get("max_tokens"), "max_tokens")
 
     @post_load

@@ -8,16 +8,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Response, request
 
 from textgen.api import current_registry
 from textgen.api.generate import usage as token_usage
-from textgen.api.schemas import load_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.request import RequestHandle
 from textgen.engine.submission import Submission
-from textgen.openai.protocol import OpenAIRequest, OpenAISchema
+from textgen.openai.protocol import OpenAIRequest
 from textgen.service.registry import ModelRegistry
 
 
@@ -55,16 +54,15 @@ class StreamParts:
 
 
 def respond(
-    schema: type[OpenAISchema],
+    body: OpenAIRequest,
     id_prefix: str,
     object_name: str,
     chunk_object: str,
     choice: Callable[[Reply, Finished], dict[str, Any]],
     stream_parts: Callable[[Reply], StreamParts],
-) -> Response:
-    """Validate, queue on the model's engine, then answer whole or as a stream."""
+) -> Response | dict[str, Any]:
+    """Queue a validated request on the model's engine, then answer whole or as a stream."""
     registry = current_registry()
-    body: OpenAIRequest = load_body(schema(registry.settings))
     engine = registry.engine(body.model)
     submission = Submission.start(
         [engine], body.prompts, body.params, body.timeout, body.until_context
@@ -89,9 +87,9 @@ def respond(
             )
         )
     if not wait_for(submission, sock):
-        return jsonify({})  # the client left; nobody reads this
+        return {}  # the client left; nobody reads this
     choices = [choice(reply, finished) for finished in outputs(submission)]
-    return jsonify({**reply.base(object_name), "choices": choices, "usage": usage(submission)})
+    return {**reply.base(object_name), "choices": choices, "usage": usage(submission)}
 
 
 def new_id(prefix: str) -> str:

@@ -1,0 +1,102 @@
+"""Response schemas of the OpenAI-compatible API, for the OpenAPI document."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields
+
+from textgen.api.responses import UsageSchema
+
+FINISH_REASONS = ["stop", "length", "time_limit"]
+
+
+class CompletionLogprobsSchema(Schema):
+    tokens = fields.List(fields.String(), required=True)
+    token_logprobs = fields.List(fields.Float(allow_none=True), required=True)
+    top_logprobs = fields.List(
+        fields.Dict(keys=fields.String(), values=fields.Float(), allow_none=True), required=True
+    )
+    text_offset = fields.List(fields.Integer(), required=True)
+
+
+class CompletionChoiceSchema(Schema):
+    index = fields.Integer(required=True)
+    text = fields.String(required=True)
+    logprobs = fields.Nested(CompletionLogprobsSchema, allow_none=True, required=True)
+    finish_reason = fields.String(required=True, metadata={"enum": FINISH_REASONS})
+
+
+class CompletionResponseSchema(Schema):
+    """A text completion (streamed chunks have the same shape, one choice each)."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"enum": ["text_completion"]})
+    created = fields.Integer(required=True)
+    model = fields.String(required=True)
+    choices = fields.List(fields.Nested(CompletionChoiceSchema), required=True)
+    usage = fields.Nested(UsageSchema)
+
+
+class TopLogprobSchema(Schema):
+    token = fields.String(required=True)
+    logprob = fields.Float(required=True)
+    bytes = fields.List(fields.Integer(), required=True)
+
+
+class TokenLogprobSchema(TopLogprobSchema):
+    top_logprobs = fields.List(fields.Nested(TopLogprobSchema), required=True)
+
+
+class ChatLogprobsSchema(Schema):
+    content = fields.List(fields.Nested(TokenLogprobSchema), required=True)
+
+
+class ChatMessageOutSchema(Schema):
+    role = fields.String(required=True, metadata={"enum": ["assistant"]})
+    content = fields.String(required=True)
+
+
+class ChatChoiceSchema(Schema):
+    index = fields.Integer(required=True)
+    message = fields.Nested(ChatMessageOutSchema, required=True)
+    logprobs = fields.Nested(ChatLogprobsSchema, allow_none=True, required=True)
+    finish_reason = fields.String(required=True, metadata={"enum": FINISH_REASONS})
+
+
+class ChatCompletionResponseSchema(Schema):
+    """A chat completion."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"enum": ["chat.completion"]})
+    created = fields.Integer(required=True)
+    model = fields.String(required=True)
+    choices = fields.List(fields.Nested(ChatChoiceSchema), required=True)
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class OpenAIModelSchema(Schema):
+    """A model in OpenAI's shape, with textgen's facts alongside."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"enum": ["model"]})
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+    max_model_len = fields.Integer(allow_none=True, required=True)
+    status = fields.String(required=True)
+
+
+class OpenAIModelListSchema(Schema):
+    object = fields.String(required=True, metadata={"enum": ["list"]})
+    data = fields.List(fields.Nested(OpenAIModelSchema), required=True)
+
+
+COMPLETION_EVENTS = """Server-sent events (`"stream": true`), each `data: <JSON>`: chunks shaped
+like the whole response with one choice each (`text` a piece of the completion;
+`finish_reason` set in the choice's last chunk); with `stream_options.include_usage`, a
+last chunk with `"choices": []` and `usage`; then `data: [DONE]`. An error after the start is
+`data: {"error": {...}}`, then `data: [DONE]`."""
+
+CHAT_EVENTS = """Server-sent events (`"stream": true`), each `data: <JSON>` with `"object":
+"chat.completion.chunk"`: first `{"delta": {"role": "assistant", "content": ""}}` per choice,
+then `{"delta": {"content": ...}}` pieces, then `{"delta": {}, "finish_reason": ...}`; with
+`stream_options.include_usage`, a last chunk with `"choices": []` and `usage`; then
+`data: [DONE]`. An error after the start is `data: {"error": {...}}`, then `data: [DONE]`."""
