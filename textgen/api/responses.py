@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from marshmallow import Schema, fields
+
+from textgen.engine.results import Usage
 
 FINISH_REASONS = ["eos", "stop", "length", "time_limit"]
 
@@ -43,6 +47,16 @@ class UsageSchema(Schema):
     completion_tokens = fields.Integer(required=True)
     total_tokens = fields.Integer(required=True)
     prompt_tokens_details = fields.Nested(CachedTokensSchema, required=True)
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    """A Usage in the OpenAI shape (UsageSchema)."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
 
 
 class TimingsSchema(Schema):

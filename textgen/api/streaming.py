@@ -13,7 +13,6 @@ from flask import Response
 
 from textgen.api.errors import APIError, GenerationFailed, InvalidRequest
 from textgen.engine.events import Delta, Event, Failed, Finished
-from textgen.engine.request import RequestHandle
 from textgen.engine.submission import Submission
 
 SSE_HEADERS = {
@@ -72,7 +71,7 @@ def client_gone(sock: socket.socket | None) -> bool:
 
 def follow(
     submission: Submission, sock: socket.socket | None, ping_s: float | None = None
-) -> Iterator[tuple[RequestHandle, Event] | str]:
+) -> Iterator[tuple[str, Event] | str]:
     """A submission's events for a handler, with PING after ``ping_s`` quiet seconds.
 
     Ends when every output finished, one failed (the Failed event is yielded), or the client
@@ -110,8 +109,8 @@ def stream_events(
     submission: Submission,
     sock: socket.socket | None,
     ping_s: float,
-    on_delta: Callable[[RequestHandle, Delta], dict[str, Any] | None],
-    on_finish: Callable[[RequestHandle, Finished], dict[str, Any]],
+    on_delta: Callable[[str, Delta], dict[str, Any] | None],
+    on_finish: Callable[[str, Finished], dict[str, Any]],
     closing: Callable[[], dict[str, Any] | None],
     opening: Iterable[dict[str, Any]] = (),
 ) -> Iterator[str]:
@@ -129,13 +128,13 @@ def stream_events(
             if isinstance(item, str):
                 yield item
                 continue
-            handle, event = item
+            model, event = item
             if isinstance(event, Delta):
-                delta = on_delta(handle, event)
+                delta = on_delta(model, event)
                 if delta is not None:
                     yield sse(delta)
             elif isinstance(event, Finished):
-                yield sse(on_finish(handle, event))
+                yield sse(on_finish(model, event))
             elif isinstance(event, Failed):
                 yield sse_error(event)
                 yield DONE

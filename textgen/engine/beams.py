@@ -19,7 +19,7 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor,
 )
 
-from textgen.generation.finish import FinishReason, StoppingCriteria
+from textgen.generation.finish import FinishReason, StoppingCriteria, beam_reason
 from textgen.generation.strategies import GenerationParams
 
 # transformers' stand-in for minus infinity in beam scores.
@@ -155,13 +155,5 @@ class BeamSearch:
             ended = bool(tokens) and tokens[-1] in self.eos
             text = self.decode(tokens[:-1] if ended else tokens)
             text, stopped = self.criteria.stops.truncate(text)
-            if stopped:
-                reason = FinishReason.STOP
-            elif ended:
-                reason = FinishReason.EOS
-            elif interrupted:
-                reason = FinishReason.TIME_LIMIT
-            else:
-                reason = FinishReason.LENGTH
-            out.append((text, reason, len(tokens)))
+            out.append((text, beam_reason(stopped, ended, interrupted), len(tokens)))
         return out

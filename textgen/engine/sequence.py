@@ -10,7 +10,7 @@ from textgen.engine.draft import NgramDraft
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.request import RequestHandle
 from textgen.engine.sampling import TokenChooser
-from textgen.generation.finish import FinishReason, StoppingCriteria
+from textgen.generation.finish import FinishReason, StoppingCriteria, settled
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Sequence(Row):
         self.chooser.release()
         self.detokenizer.flush()
         text, stopped = self.criteria.stops.truncate(self.detokenizer.text)
-        self.finish_reason = FinishReason.STOP if stopped else reason
+        self.finish_reason = settled(reason, stopped)
         self.emit_until(len(text))
         if self.unsent_logprobs:
             self.handle.post(Delta(self.prompt_index, self.index, "", self.take_logprobs()))

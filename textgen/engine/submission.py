@@ -9,6 +9,7 @@ from typing import Any
 
 from textgen.engine.events import Event, Failed, Finished
 from textgen.engine.request import RequestHandle
+from textgen.engine.results import ModelResult, Result, Timings, Usage, since
 from textgen.engine.scheduler import Engine
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
@@ -29,6 +30,8 @@ class Submission:
         self.deadline = deadline
         self.finished: dict[tuple[str, int, int], Finished] = {}
         self.expected = sum(h.outputs for h in handles)
+        # Each model's prompts as token ids, fixed once the runner prepared them.
+        self.prompt_ids = {h.model: tuple(tuple(ids) for ids in h.job.encoded) for h in handles}
 
     @classmethod
     def start(
@@ -69,8 +72,42 @@ class Submission:
     def done(self) -> bool:
         return len(self.finished) >= self.expected
 
-    def events(self, poll: float) -> Iterator[tuple[RequestHandle, Event] | None]:
-        """Events until every output finished or one failed; None after ``poll`` idle seconds.
+    def result(self) -> Result:
+        """The frozen results of every finished output (once done)."""
+        return Result(tuple(self._model_result(handle) for handle in self.handles))
+
+    def _model_result(self, handle: RequestHandle) -> ModelResult:
+        # The engine thread wrote the handle's counters before posting the last Finished,
+        # which this thread has read from the queue since.
+        outputs = tuple(
+            sorted(
+                (f for (model, _, _), f in self.finished.items() if model == handle.model),
+                key=lambda f: (f.prompt_index, f.index),
+            )
+        )
+        completion = sum(f.completion_tokens for f in outputs)
+        prompt_ids = self.prompt_ids[handle.model]
+        generation = since(handle.admitted, handle.finished)
+        return ModelResult(
+            model=handle.model,
+            outputs=outputs,
+            parameters=handle.job.params.applied(),
+            prompt_ids=prompt_ids,
+            prompt_logprobs={i: tuple(v) for i, v in handle.prompt_logprobs.items()},
+            usage=Usage(
+                sum(len(ids) for ids in prompt_ids), completion, sum(handle.cached_tokens.values())
+            ),
+            timings=Timings(
+                queue_s=since(handle.created, handle.admitted),
+                time_to_first_token_s=since(handle.created, handle.first_token),
+                generation_s=generation,
+                tokens_per_second=round(completion / generation, 3) if generation else None,
+            ),
+        )
+
+    def events(self, poll: float) -> Iterator[tuple[str, Event] | None]:
+        """(model, event) until every output finished or one failed; None after ``poll`` idle
+        seconds.
 
         However the engine behaves, this ends: a request not done well past its deadline
         ends with a Failed event.
@@ -78,7 +115,7 @@ class Submission:
         while not self.done:
             if time.perf_counter() > self.deadline + DEADLINE_GRACE_S:
                 yield (
-                    self.handles[0],
+                    self.handles[0].model,
                     Failed("the request did not finish by its deadline", code="deadline_exceeded"),
                 )
                 return
@@ -89,6 +126,6 @@ class Submission:
                 continue
             if isinstance(event, Finished):
                 self.finished[(handle.model, event.prompt_index, event.index)] = event
-            yield handle, event
+            yield handle.model, event
             if isinstance(event, Failed):
                 return

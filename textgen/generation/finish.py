@@ -44,3 +44,17 @@ class StoppingCriteria:
         if expired:
             return FinishReason.TIME_LIMIT
         return None
+
+
+def settled(reason: FinishReason, stopped: bool) -> FinishReason:
+    """An output's reason once its whole text is known: a stop string found in the final text
+    (it can end across the last tokens, after ``after`` saw them) wins; the text is cut there."""
+    return FinishReason.STOP if stopped else reason
+
+
+def beam_reason(stopped: bool, ended: bool, interrupted: bool) -> FinishReason:
+    """Why a beam-search hypothesis ended, judged when the search ends: a stop string in its
+    text, then the model's end token, then the deadline, else the budget."""
+    if stopped or ended:
+        return settled(FinishReason.EOS, stopped)
+    return FinishReason.TIME_LIMIT if interrupted else FinishReason.LENGTH

@@ -8,7 +8,7 @@ from flask import Response
 
 from textgen.api.docs import GENERATES, Blueprint
 from textgen.engine.events import Delta, Finished, TokenLogprob
-from textgen.engine.request import RequestHandle
+from textgen.engine.results import ModelResult
 from textgen.openai.protocol import ChatCompletionSchema, OpenAIRequest
 from textgen.openai.responses import CHAT_EVENTS, ChatCompletionResponseSchema
 from textgen.openai.serving import Reply, StreamParts, finish_reason, respond
@@ -50,7 +50,7 @@ def create_chat_completion(body: OpenAIRequest) -> Response | dict[str, Any]:
     )
 
 
-def choice(reply: Reply, finished: Finished) -> dict[str, Any]:
+def choice(reply: Reply, result: ModelResult, finished: Finished) -> dict[str, Any]:
     """One choice of a whole response."""
     return {
         "index": reply.index(finished),
@@ -62,7 +62,7 @@ def choice(reply: Reply, finished: Finished) -> dict[str, Any]:
 
 def logprobs_block(reply: Reply, entries: tuple[TokenLogprob, ...]) -> dict[str, Any] | None:
     """The chat logprobs block: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    if reply.handle.job.params.logprobs is None:
+    if reply.body.params.logprobs is None:
         return None
 
     def item(token: int, logprob: float) -> dict[str, Any]:
@@ -93,13 +93,13 @@ def stream_parts(reply: Reply) -> StreamParts:
         for index in range(reply.body.params.num_return_sequences)
     ]
 
-    def on_delta(handle: RequestHandle, event: Delta) -> dict[str, Any] | None:
+    def on_delta(model: str, event: Delta) -> dict[str, Any] | None:
         if not event.text and not event.logprobs:
             return None
         logprobs = logprobs_block(reply, event.logprobs)
         return chunk(reply.index(event), {"content": event.text}, logprobs, None)
 
-    def on_finish(handle: RequestHandle, event: Finished) -> dict[str, Any]:
+    def on_finish(model: str, event: Finished) -> dict[str, Any]:
         return chunk(reply.index(event), {}, None, finish_reason(event))
 
     return StreamParts(opening, on_delta, on_finish)

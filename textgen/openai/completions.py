@@ -9,7 +9,7 @@ from flask import Response
 
 from textgen.api.docs import GENERATES, Blueprint
 from textgen.engine.events import Delta, Finished, TokenLogprob
-from textgen.engine.request import RequestHandle
+from textgen.engine.results import ModelResult
 from textgen.openai.protocol import CompletionSchema, OpenAIRequest
 from textgen.openai.responses import COMPLETION_EVENTS, CompletionResponseSchema
 from textgen.openai.serving import Reply, StreamParts, finish_reason, respond, top_entries
@@ -42,13 +42,16 @@ def create_completion(body: OpenAIRequest) -> Response | dict[str, Any]:
     return respond(body, "cmpl", "text_completion", "text_completion", choice, stream_parts)
 
 
-def choice(reply: Reply, finished: Finished) -> dict[str, Any]:
+def choice(reply: Reply, result: ModelResult, finished: Finished) -> dict[str, Any]:
     """One choice of a whole response."""
     echo = reply.body.echo
+    prompt_logprobs = result.prompt_logprobs.get(finished.prompt_index, ()) if echo else ()
     return {
         "index": reply.index(finished),
         "text": (echoed(reply, finished.prompt_index) if echo else "") + finished.text,
-        "logprobs": logprobs_block(reply, finished.prompt_index, finished.logprobs, echo),
+        "logprobs": logprobs_block(
+            reply, finished.prompt_index, finished.logprobs, echo, prompt_logprobs=prompt_logprobs
+        ),
         "finish_reason": finish_reason(finished),
     }
 
@@ -58,8 +61,8 @@ def echoed(reply: Reply, prompt_index: int) -> str:
     prompt = reply.body.prompts[prompt_index]
     if prompt.text is not None:
         return prompt.text
-    tokenizer = reply.registry.engine(reply.handle.model).runner.loaded.tokenizer
-    return str(tokenizer.decode(reply.handle.job.encoded[prompt_index]))
+    tokenizer = reply.registry.engine(reply.model).runner.loaded.tokenizer
+    return str(tokenizer.decode(reply.submission.prompt_ids[reply.model][prompt_index]))
 
 
 def logprobs_block(
@@ -68,15 +71,15 @@ def logprobs_block(
     generated: tuple[TokenLogprob, ...],
     echo: bool,
     offset: int = 0,
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = (),
 ) -> dict[str, Any] | None:
     """The completions logprobs block: tokens, token_logprobs, top_logprobs, text_offset."""
-    handle = reply.handle
-    if handle.job.params.logprobs is None:
+    if reply.body.params.logprobs is None:
         return None
     entries: list[tuple[int, TokenLogprob | None]] = []
     if echo:
-        prompt = handle.job.encoded[prompt_index]
-        entries += list(zip(prompt, handle.prompt_logprobs.get(prompt_index, []), strict=False))
+        prompt = reply.submission.prompt_ids[reply.model][prompt_index]
+        entries += list(zip(prompt, prompt_logprobs, strict=False))
     entries += [(e.token, e) for e in generated]
     block: dict[str, Any] = {
         "tokens": [],
@@ -107,7 +110,7 @@ def stream_parts(reply: Reply) -> StreamParts:
         if not reply.body.echo:
             return
         n = reply.body.params.num_return_sequences
-        for prompt_index in range(len(reply.handle.job.encoded)):
+        for prompt_index in range(len(reply.submission.prompt_ids[reply.model])):
             prompt = echoed(reply, prompt_index)
             for index in range(prompt_index * n, prompt_index * n + n):
                 # The prompt's own logprobs are not known yet (no prefill has run), so a
@@ -115,7 +118,7 @@ def stream_parts(reply: Reply) -> StreamParts:
                 offsets[index] = len(prompt)
                 yield chunk(index, prompt, None, None)
 
-    def on_delta(handle: RequestHandle, event: Delta) -> dict[str, Any] | None:
+    def on_delta(model: str, event: Delta) -> dict[str, Any] | None:
         if not event.text and not event.logprobs:
             return None
         index = reply.index(event)
@@ -124,7 +127,7 @@ def stream_parts(reply: Reply) -> StreamParts:
         offsets[index] = start + len(event.text)
         return chunk(index, event.text, logprobs, None)
 
-    def on_finish(handle: RequestHandle, event: Finished) -> dict[str, Any]:
+    def on_finish(model: str, event: Finished) -> dict[str, Any]:
         return chunk(reply.index(event), "", None, finish_reason(event))
 
     return StreamParts(opening(), on_delta, on_finish)

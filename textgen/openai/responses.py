@@ -25,15 +25,23 @@ class CompletionChoiceSchema(Schema):
     finish_reason = fields.String(required=True, metadata={"enum": FINISH_REASONS})
 
 
-class CompletionResponseSchema(Schema):
-    """A text completion (streamed chunks have the same shape, one choice each)."""
+class GeneratedSchema(Schema):
+    """What every OpenAI generation response carries, in OpenAI's order (subclasses name the
+    object and shape the choices; a redeclared field keeps its place)."""
 
     id = fields.String(required=True)
-    object = fields.String(required=True, metadata={"enum": ["text_completion"]})
+    object = fields.String(required=True)
     created = fields.Integer(required=True)
     model = fields.String(required=True)
+    choices = fields.List(fields.Dict(), required=True)
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class CompletionResponseSchema(GeneratedSchema):
+    """A text completion (streamed chunks have the same shape, one choice each)."""
+
+    object = fields.String(required=True, metadata={"enum": ["text_completion"]})
     choices = fields.List(fields.Nested(CompletionChoiceSchema), required=True)
-    usage = fields.Nested(UsageSchema)
 
 
 class TopLogprobSchema(Schema):
@@ -62,15 +70,11 @@ class ChatChoiceSchema(Schema):
     finish_reason = fields.String(required=True, metadata={"enum": FINISH_REASONS})
 
 
-class ChatCompletionResponseSchema(Schema):
+class ChatCompletionResponseSchema(GeneratedSchema):
     """A chat completion."""
 
-    id = fields.String(required=True)
     object = fields.String(required=True, metadata={"enum": ["chat.completion"]})
-    created = fields.Integer(required=True)
-    model = fields.String(required=True)
     choices = fields.List(fields.Nested(ChatChoiceSchema), required=True)
-    usage = fields.Nested(UsageSchema, required=True)
 
 
 class OpenAIModelSchema(Schema):

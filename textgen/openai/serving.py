@@ -11,10 +11,10 @@ from typing import Any
 from flask import Response, request
 
 from textgen.api import current_registry
-from textgen.api.generate import usage as token_usage
+from textgen.api.responses import usage_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished, TokenLogprob
-from textgen.engine.request import RequestHandle
+from textgen.engine.results import ModelResult
 from textgen.engine.submission import Submission
 from textgen.openai.protocol import OpenAIRequest
 from textgen.service.registry import ModelRegistry
@@ -27,7 +27,7 @@ class Reply:
     registry: ModelRegistry
     body: OpenAIRequest
     submission: Submission
-    handle: RequestHandle
+    model: str
     text: Callable[[int], str]  # how a token reads in logprobs
     response_id: str
 
@@ -36,7 +36,7 @@ class Reply:
             "id": self.response_id,
             "object": object_name,
             "created": int(time.time()),
-            "model": self.handle.model,
+            "model": self.model,
         }
 
     def index(self, event: Delta | Finished) -> int:
@@ -49,8 +49,8 @@ class StreamParts:
     """How an endpoint's stream looks: its first chunks, a delta's chunk, a finish's chunk."""
 
     opening: Iterable[dict[str, Any]]
-    on_delta: Callable[[RequestHandle, Delta], dict[str, Any] | None]
-    on_finish: Callable[[RequestHandle, Finished], dict[str, Any]]
+    on_delta: Callable[[str, Delta], dict[str, Any] | None]
+    on_finish: Callable[[str, Finished], dict[str, Any]]
 
 
 def respond(
@@ -58,7 +58,7 @@ def respond(
     id_prefix: str,
     object_name: str,
     chunk_object: str,
-    choice: Callable[[Reply, Finished], dict[str, Any]],
+    choice: Callable[[Reply, ModelResult, Finished], dict[str, Any]],
     stream_parts: Callable[[Reply], StreamParts],
 ) -> Response | dict[str, Any]:
     """Queue a validated request on the model's engine, then answer whole or as a stream."""
@@ -67,10 +67,8 @@ def respond(
     submission = Submission.start(
         [engine], body.prompts, body.params, body.timeout, body.until_context
     )
-    handle = submission.handles[0]
-    reply = Reply(
-        registry, body, submission, handle, token_text(registry, handle.model), new_id(id_prefix)
-    )
+    model = engine.name
+    reply = Reply(registry, body, submission, model, token_text(registry, model), new_id(id_prefix))
     sock = request.environ.get("gunicorn.socket")
     if body.stream:
         parts = stream_parts(reply)
@@ -78,7 +76,8 @@ def respond(
         def closing() -> dict[str, Any] | None:
             if not body.include_usage:
                 return None
-            return {**reply.base(chunk_object), "choices": [], "usage": usage(submission)}
+            usage = usage_body(submission.result().usage)
+            return {**reply.base(chunk_object), "choices": [], "usage": usage}
 
         ping_s = registry.settings.stream_ping_s
         return sse_response(
@@ -88,8 +87,9 @@ def respond(
         )
     if not wait_for(submission, sock):
         return {}  # the client left; nobody reads this
-    choices = [choice(reply, finished) for finished in outputs(submission)]
-    return {**reply.base(object_name), "choices": choices, "usage": usage(submission)}
+    result = submission.result().models[0]
+    choices = [choice(reply, result, finished) for finished in result.outputs]
+    return {**reply.base(object_name), "choices": choices, "usage": usage_body(result.usage)}
 
 
 def new_id(prefix: str) -> str:
@@ -98,20 +98,6 @@ def new_id(prefix: str) -> str:
 
 def finish_reason(event: Finished) -> str:
     return event.finish_reason.openai
-
-
-def outputs(submission: Submission) -> list[Finished]:
-    """The finished outputs in choice order."""
-    return sorted(submission.finished.values(), key=lambda f: (f.prompt_index, f.index))
-
-
-def usage(submission: Submission) -> dict[str, Any]:
-    handle = submission.handles[0]
-    return token_usage(
-        sum(len(ids) for ids in handle.job.encoded),
-        sum(f.completion_tokens for f in submission.finished.values()),
-        sum(handle.cached_tokens.values()),
-    )
 
 
 def token_text(registry: ModelRegistry, model: str) -> Callable[[int], str]:

@@ -1,0 +1,56 @@
+"""Why an output ends: one pure place, tested without a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from textgen.generation.finish import FinishReason, StoppingCriteria, beam_reason, settled
+from textgen.generation.stopping import StopSequenceMatcher
+
+EOS = 2
+
+
+def criteria(budget: int = 5, stops: tuple[str, ...] = ("###",)) -> StoppingCriteria:
+    return StoppingCriteria(frozenset({EOS}), budget, StopSequenceMatcher(stops))
+
+
+@pytest.mark.parametrize(
+    ("token", "text", "generated", "expired", "reason"),
+    [
+        (7, "hello", 1, False, None),
+        (EOS, "hello ###", 5, True, FinishReason.EOS),  # the model's end wins over everything
+        (7, "hello ###", 5, True, FinishReason.STOP),  # then a stop string
+        (7, "hello", 5, True, FinishReason.LENGTH),  # then the budget
+        (7, "hello", 2, True, FinishReason.TIME_LIMIT),  # then the deadline
+        (7, "hello ##", 4, False, None),  # half a stop string is not one
+    ],
+)
+def test_after_a_token(
+    token: int, text: str, generated: int, expired: bool, reason: FinishReason | None
+) -> None:
+    assert criteria().after(token, text, generated, expired) is reason
+
+
+def test_a_stop_string_in_the_final_text_wins() -> None:
+    assert settled(FinishReason.LENGTH, stopped=True) is FinishReason.STOP
+    assert settled(FinishReason.TIME_LIMIT, stopped=False) is FinishReason.TIME_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("stopped", "ended", "interrupted", "reason"),
+    [
+        (True, True, True, FinishReason.STOP),
+        (False, True, True, FinishReason.EOS),
+        (False, False, True, FinishReason.TIME_LIMIT),
+        (False, False, False, FinishReason.LENGTH),
+    ],
+)
+def test_beam_hypotheses(
+    stopped: bool, ended: bool, interrupted: bool, reason: FinishReason
+) -> None:
+    assert beam_reason(stopped, ended, interrupted) is reason
+
+
+def test_openai_names() -> None:
+    assert FinishReason.EOS.openai == FinishReason.STOP.openai == "stop"
+    assert FinishReason.LENGTH.openai == "length"
