@@ -10,6 +10,9 @@ CONTRACT_MODULES = [
     "textgen.api.fields",
     "textgen.api.schemas",
     "textgen.openai.protocol",
+    "textgen.api.responses",
+    "textgen.openai.responses",
+    "textgen.engine.results",
     "textgen.config",
     "textgen.errors",
 ]

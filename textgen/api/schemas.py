@@ -64,7 +64,16 @@ class MessageSchema(Schema):
         unknown = RAISE
 
     role = fields.String(required=True, validate=validate.OneOf(["system", "user", "assistant"]))
-    content = fields.String(required=True)
+    content: fields.Field = fields.String(required=True)
+
+
+def chat_turns(messages: list[dict[str, Any]]) -> tuple[dict[str, str], ...]:
+    """Validated messages as prompts take them: role and content only, OpenAI's "developer"
+    role as the system turn."""
+    return tuple(
+        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+        for m in messages
+    )
 
 
 class SharedSchema(Schema):
@@ -175,8 +184,7 @@ class GenerateSchema(SharedSchema):
         options: dict[str, Any] = {k: data.pop(k) for k in ("stream", "timeout") if k in data}
         params = resolve(data)
         if "messages" in data:
-            messages = tuple({"role": m["role"], "content": m["content"]} for m in data["messages"])
-            prompts = [PromptInput(messages=messages)]
+            prompts = [PromptInput(messages=chat_turns(data["messages"]))]
         else:
             prompts = [PromptInput(text=t, chat=data.get("chat", False)) for t in data["prompt"]]
         models: list[str | None] = data.get("models") or [data.get("model")]

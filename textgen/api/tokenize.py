@@ -18,7 +18,7 @@ from textgen.api import current_registry
 from textgen.api.docs import READS_MODEL, Blueprint
 from textgen.api.fields import StrictBoolean, StrictInteger
 from textgen.api.responses import DetokenizeResponseSchema, TokenizeResponseSchema
-from textgen.api.schemas import MessageSchema
+from textgen.api.schemas import MessageSchema, chat_turns
 from textgen.errors import RequestRejected
 from textgen.generation.prompts import PromptInput
 
@@ -46,8 +46,7 @@ class TokenizeSchema(Schema):
     @post_load
     def make_prompt(self, data: dict[str, Any], **_: Any) -> tuple[str | None, PromptInput]:
         if "messages" in data:
-            messages = tuple({"role": m["role"], "content": m["content"]} for m in data["messages"])
-            return data.get("model"), PromptInput(messages=messages)
+            return data.get("model"), PromptInput(messages=chat_turns(data["messages"]))
         return data.get("model"), PromptInput(text=data["prompt"], chat=data.get("chat", False))
 
 

@@ -18,7 +18,14 @@ from marshmallow import (
 )
 
 from textgen.api.fields import StrictBoolean, StrictFloat, StrictInteger
-from textgen.api.schemas import SHARED_KNOBS, SharedSchema, resolve, server_caps
+from textgen.api.schemas import (
+    SHARED_KNOBS,
+    MessageSchema,
+    SharedSchema,
+    chat_turns,
+    resolve,
+    server_caps,
+)
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
 
@@ -116,9 +123,9 @@ class MessageContentField(fields.Field):
         return "".join(texts)
 
 
-class ChatMessageSchema(Schema):
-    class Meta:
-        unknown = RAISE
+class ChatMessageSchema(MessageSchema):
+    """One OpenAI chat message: the native one, plus the developer role, content parts and a
+    name."""
 
     role = fields.String(
         required=True, validate=validate.OneOf(["system", "developer", "user", "assistant"])
@@ -264,10 +271,7 @@ class ChatCompletionSchema(OpenAISchema):
     def make_request(self, data: dict[str, Any], **_: Any) -> OpenAIRequest:
         max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
         logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
-        messages = tuple(
-            {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-            for m in data["messages"]
-        )
+        messages = chat_turns(data["messages"])
         params = generation_params(data, max_tokens, logprobs)
         params = dataclasses.replace(
             params, response_format=response_format(data.get("response_format"))
