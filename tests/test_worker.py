@@ -203,7 +203,14 @@ def test_a_request_that_would_wait_for_a_thread_is_a_429_at_once(server: str) ->
 def test_a_reloading_worker_takes_no_traffic_while_another_is_ready(tmp_path: Path) -> None:
     process, url, log = start(tmp_path, GUNICORN_WORKERS="2")
     try:
-        pids = {requests.get(f"{url}/info", timeout=10).json()["pid"] for _ in range(20)}
+        # /health answers once one worker is ready; the other may still be loading (and then
+        # takes no connections). Both must be ready, or killing the first leaves only a
+        # loading worker, which rightly answers 503 until it is ready.
+        pids: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(pids) < 2:
+            assert time.monotonic() < deadline, "the second worker never became ready"
+            pids.add(requests.get(f"{url}/info", timeout=10).json()["pid"])
         os.kill(pids.pop(), signal.SIGKILL)
         statuses: list[int] = []
         seen: set[int] = set()
