@@ -404,7 +404,7 @@ def test_tokenize_has_the_prompt_cap(model_dirs: dict[str, Path], tmp_path: Path
     for url in serve(app):
         response = requests.post(f"{url}/tokenize", json={"prompt": "Hello world " * 100})
         assert response.status_code == 400
-        assert response.json()["error"]["code"] == "prompt_too_long"
+        assert response.json()["error"]["code"] == "context_length_exceeded"
         response = requests.post(f"{url}/detokenize", json={"tokens": [1] * 51})
         assert response.status_code == 400 and response.json()["error"]["param"] == "tokens"
 

@@ -98,7 +98,8 @@ def test_prompt_over_the_token_cap(app, model_dirs, tmp_path) -> None:
     error = assert_error(
         small.test_client().post("/generate", json={"prompt": "Hello world again and again"}), 400
     )
-    assert error["code"] == "prompt_too_long"
+    assert error["code"] == "context_length_exceeded"
+    assert error["message"].startswith("This model's maximum context length is 3 tokens.")
 
 
 def test_errors_leave_the_app_serving(client: FlaskClient) -> None:

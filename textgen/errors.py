@@ -41,6 +41,28 @@ class ModelsNotReady(RuntimeError):
     """Models are still loading, or loading failed."""
 
 
+def context_exceeded(
+    limit: int, prompt: int, completion: int | None, chat: bool
+) -> RequestRejected:
+    """The context overflow error in OpenAI's words and code, which client libraries look for
+    (LiteLLM's ContextWindowExceededError, LangChain's OpenAIContextOverflowError)."""
+    where = "messages" if chat else "prompt"
+    if completion is None:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, your {where} "
+            f"resulted in {prompt} tokens. Please reduce the length of the {where}."
+        )
+    else:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt + completion} tokens ({prompt} in the {where}, {completion} in the "
+            f"completion). Please reduce the length of the {where} or completion."
+        )
+    # The field to change: the prompt when it alone is too long, else the new-token budget.
+    param = where if completion is None or prompt >= limit else "max_new_tokens"
+    return RequestRejected(message, param, "context_length_exceeded")
+
+
 class QueueFull(Exception):
     """The engine holds as much work as it may; try again after ``retry_after`` seconds."""
 

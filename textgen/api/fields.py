@@ -6,7 +6,7 @@ import math
 import re
 from typing import Any
 
-from marshmallow import fields, validate
+from marshmallow import RAISE, Schema, fields, pre_load, validate
 
 # Static ranges; the server's caps (settings) narrow the upper bounds at validation time.
 RANGES: dict[str, dict[str, Any]] = {
@@ -19,7 +19,7 @@ RANGES: dict[str, dict[str, Any]] = {
     "num_return_sequences": {"type": "integer", "min": 1},
     "repetition_penalty": {"type": "number", "min": 0.01, "max": 10.0},
     "no_repeat_ngram_size": {"type": "integer", "min": 0, "max": 64},
-    "seed": {"type": "integer", "min": 0, "max": 2**63 - 1},
+    "seed": {"type": "integer", "min": -(2**63), "max": 2**63 - 1},
     "stop": {"type": "string or list of strings", "max_length": 256},
     "timeout": {"type": "number", "min_exclusive": 0.0},
     "ignore_eos": {"type": "boolean", "default": False},
@@ -37,6 +37,26 @@ RANGES: dict[str, dict[str, Any]] = {
 
 
 TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
+class RequestSchema(Schema):
+    """A request body (or an object in one): unknown keys are refused, and an explicit null
+    for an optional field means "not given", as OpenAI's API has it (LangChain's clients send
+    ``"seed": null``)."""
+
+    class Meta:
+        unknown = RAISE
+
+    def on_bind_field(self, field_name: str, field_obj: fields.Field) -> None:
+        # So the OpenAPI document says that null is accepted.
+        if not field_obj.required:
+            field_obj.allow_none = True
+
+    @pre_load
+    def drop_nulls(self, data: Any, **_: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StrictInteger(fields.Integer):

@@ -7,8 +7,6 @@ from typing import Any
 
 from flask import current_app
 from marshmallow import (
-    RAISE,
-    Schema,
     ValidationError,
     fields,
     post_load,
@@ -19,6 +17,7 @@ from marshmallow import (
 from textgen.api.fields import (
     RANGES,
     LogitBias,
+    RequestSchema,
     StrictBoolean,
     StrictFloat,
     StrictInteger,
@@ -57,11 +56,8 @@ def server_caps() -> Settings:
     return settings
 
 
-class MessageSchema(Schema):
+class MessageSchema(RequestSchema):
     """One chat message."""
-
-    class Meta:
-        unknown = RAISE
 
     role = fields.String(required=True, validate=validate.OneOf(["system", "user", "assistant"]))
     content: fields.Field = fields.String(required=True)
@@ -76,11 +72,8 @@ def chat_turns(messages: list[dict[str, Any]]) -> tuple[dict[str, str], ...]:
     )
 
 
-class SharedSchema(Schema):
+class SharedSchema(RequestSchema):
     """Fields every generation API takes, and the server caps they must respect."""
-
-    class Meta:
-        unknown = RAISE
 
     top_p = StrictFloat(validate=in_range("top_p"))
     top_k = StrictInteger(validate=in_range("top_k"))

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from marshmallow import (
-    RAISE,
-    Schema,
     ValidationError,
     fields,
     post_load,
@@ -16,10 +14,10 @@ from marshmallow import (
 
 from textgen.api import current_registry
 from textgen.api.docs import READS_MODEL, Blueprint
-from textgen.api.fields import StrictBoolean, StrictInteger
+from textgen.api.fields import RequestSchema, StrictBoolean, StrictInteger
 from textgen.api.responses import DetokenizeResponseSchema, TokenizeResponseSchema
 from textgen.api.schemas import MessageSchema, chat_turns
-from textgen.errors import RequestRejected
+from textgen.errors import context_exceeded
 from textgen.generation.prompts import PromptInput
 
 bp = Blueprint(
@@ -27,11 +25,8 @@ bp = Blueprint(
 )
 
 
-class TokenizeSchema(Schema):
+class TokenizeSchema(RequestSchema):
     """A prompt, or chat messages (the chat template is applied), to turn into tokens."""
-
-    class Meta:
-        unknown = RAISE
 
     model = fields.String(validate=validate.Length(min=1))
     prompt = fields.String()
@@ -50,11 +45,8 @@ class TokenizeSchema(Schema):
         return data.get("model"), PromptInput(text=data["prompt"], chat=data.get("chat", False))
 
 
-class DetokenizeSchema(Schema):
+class DetokenizeSchema(RequestSchema):
     """Token ids to turn back into text."""
-
-    class Meta:
-        unknown = RAISE
 
     model = fields.String(validate=validate.Length(min=1))
     tokens = fields.List(StrictInteger(validate=validate.Range(min=0)), required=True)
@@ -74,11 +66,7 @@ def tokenize(body: tuple[str | None, PromptInput]) -> dict[str, Any]:
     ids = runner.tokenize(prompt)
     cap = runner.limits.max_prompt_tokens
     if len(ids) > cap:
-        raise RequestRejected(
-            f"the prompt has {len(ids)} tokens; this server accepts at most {cap}",
-            "prompt",
-            "prompt_too_long",
-        )
+        raise context_exceeded(cap, len(ids), None, prompt.is_chat)
     tokenizer = runner.loaded.tokenizer
     return {
         "model": runner.name,

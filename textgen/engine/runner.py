@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from textgen.engine.grammar import GrammarCompiler, GrammarLimits
-from textgen.errors import RequestRejected
+from textgen.errors import RequestRejected, context_exceeded
 from textgen.generation.prompts import PromptError, PromptInput, render_prompt
 from textgen.generation.strategies import GenerationParams
 from textgen.models.loading import LoadedModel
@@ -72,13 +72,11 @@ class ModelRunner:
             ids = self.tokenize(prompt)
             if not ids:
                 raise RequestRejected("prompt encodes to no tokens", "prompt", "empty_prompt")
-            if len(ids) > self.limits.max_prompt_tokens:
-                raise RequestRejected(
-                    f"prompt has {len(ids)} tokens; this server accepts at most "
-                    f"{self.limits.max_prompt_tokens}",
-                    "prompt",
-                    "prompt_too_long",
-                )
+            usable = self.limits.max_prompt_tokens
+            if self.loaded.context_length is not None:
+                usable = min(usable, self.loaded.context_length)
+            if len(ids) > usable:
+                raise context_exceeded(usable, len(ids), None, prompt.is_chat)
             encoded.append(ids)
         return encoded
 
@@ -106,12 +104,7 @@ class ModelRunner:
             budget = params.max_new_tokens or self.limits.default_max_new_tokens
         context = self.loaded.context_length
         if context is not None and longest + budget > context:
-            raise RequestRejected(
-                f"model {self.name!r} has a context of {context} tokens; the prompt has {longest} "
-                f"and {budget} new tokens were asked for ({longest + budget} in all)",
-                "prompt" if longest >= context else "max_new_tokens",
-                "context_length_exceeded",
-            )
+            raise context_exceeded(context, longest, budget, False)
         return budget
 
     def prepare(

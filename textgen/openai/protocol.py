@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from marshmallow import (
-    RAISE,
-    Schema,
     ValidationError,
     fields,
     post_load,
@@ -17,7 +15,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from textgen.api.fields import StrictBoolean, StrictFloat, StrictInteger
+from textgen.api.fields import RequestSchema, StrictBoolean, StrictFloat, StrictInteger
 from textgen.api.schemas import (
     SHARED_KNOBS,
     MessageSchema,
@@ -28,99 +26,11 @@ from textgen.api.schemas import (
 )
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
+from textgen.openai.fields import MessageContentField, PromptField
 
 
-class PromptField(fields.Field):
-    """A string, a list of strings, a list of token ids, or a list of such lists."""
-
-    default_error_messages = {
-        "invalid": "Must be a string, a list of strings, or token ids (a list of integers, "
-        "or a list of such lists).",
-        "empty": "Must not be empty.",
-    }
-
-    def __init__(self, **kwargs: Any) -> None:
-        ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-        text = {"type": "string", "minLength": 1}
-        kwargs.setdefault(
-            "metadata",
-            {
-                "oneOf": [
-                    text,
-                    {"type": "array", "items": text, "minItems": 1},
-                    ids,
-                    {"type": "array", "items": ids, "minItems": 1},
-                ]
-            },
-        )
-        super().__init__(**kwargs)
-
-    def _deserialize(
-        self, value: Any, attr: str | None, data: Any, **kwargs: Any
-    ) -> list[PromptInput]:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            raise self.make_error("invalid" if not isinstance(value, list) else "empty")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            value = [value]
-        prompts = []
-        for item in value:
-            if isinstance(item, str) and item:
-                prompts.append(PromptInput(text=item))
-            elif (
-                isinstance(item, list)
-                and item
-                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
-            ):
-                prompts.append(PromptInput(token_ids=tuple(item)))
-            else:
-                raise self.make_error("empty" if item in ("", []) else "invalid")
-        return prompts
-
-
-class StreamOptionsSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class StreamOptionsSchema(RequestSchema):
     include_usage = StrictBoolean()
-
-
-class MessageContentField(fields.Field):
-    """Message content: a string, or a list of text parts (other part types are refused)."""
-
-    default_error_messages = {
-        # Literal braces doubled: marshmallow formats these messages with str.format.
-        "invalid": "Must be a string or a list of {{'type': 'text', 'text': ...}} parts.",
-        "unsupported": "Only text content parts are supported; got type {kind!r}.",
-    }
-
-    def __init__(self, **kwargs: Any) -> None:
-        part = {
-            "type": "object",
-            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
-            "required": ["type", "text"],
-        }
-        kwargs.setdefault(
-            "metadata", {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]}
-        )
-        super().__init__(**kwargs)
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, list):
-            raise self.make_error("invalid")
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or "type" not in part:
-                raise self.make_error("invalid")
-            if part["type"] != "text":
-                raise self.make_error("unsupported", kind=part["type"])
-            if not isinstance(part.get("text"), str):
-                raise self.make_error("invalid")
-            texts.append(part["text"])
-        return "".join(texts)
 
 
 class ChatMessageSchema(MessageSchema):
@@ -134,6 +44,35 @@ class ChatMessageSchema(MessageSchema):
     name = fields.String()
 
 
+IGNORED = {"description": "accepted for compatibility; changes nothing here"}
+
+
+class JsonSchemaSpecSchema(RequestSchema):
+    """response_format.json_schema: the schema the output must follow."""
+
+    name = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    schema = fields.Dict(required=True)
+    description = fields.String()
+    strict = StrictBoolean(metadata={"description": "always enforced here"})
+
+
+class ResponseFormatSchema(RequestSchema):
+    """Plain text, any JSON object, or JSON following a schema; enforced by a grammar."""
+
+    type = fields.String(
+        required=True, validate=validate.OneOf(["text", "json_object", "json_schema"])
+    )
+    json_schema = fields.Nested(JsonSchemaSpecSchema)
+
+    @validates_schema
+    def check_spec(self, data: dict[str, Any], **_: Any) -> None:
+        if (data["type"] == "json_schema") != ("json_schema" in data):
+            raise ValidationError(
+                'give json_schema {"name": ..., "schema": {...}} exactly with type json_schema',
+                "json_schema",
+            )
+
+
 class OpenAISchema(SharedSchema):
     """Fields both OpenAI generation endpoints take."""
 
@@ -141,7 +80,19 @@ class OpenAISchema(SharedSchema):
     temperature = StrictFloat(validate=validate.Range(min=0.0, max=2.0))
     n = StrictInteger(validate=validate.Range(min=1))
     stream_options = fields.Nested(StreamOptionsSchema)
-    user = fields.String()
+    # Accepted and ignored: OpenAI fields that change nothing textgen generates (README).
+    user = fields.String(metadata=IGNORED)
+    store = StrictBoolean(metadata=IGNORED)
+    metadata_ = fields.Dict(
+        data_key="metadata", keys=fields.String(), values=fields.String(), metadata=IGNORED
+    )
+    service_tier = fields.String(metadata=IGNORED)
+    reasoning_effort = fields.String(metadata=IGNORED)
+    prediction = fields.Dict(metadata=IGNORED)
+    modalities = fields.List(
+        fields.String(validate=validate.OneOf(["text"])),
+        metadata={"description": "only text is generated"},
+    )
 
     @validates_schema
     def check_n(self, data: dict[str, Any], **_: Any) -> None:
@@ -192,22 +143,14 @@ def generation_params(
 
 
 def response_format(value: dict[str, Any] | None) -> str | None:
-    """The grammar spec (JSON text) for a response_format, or None for plain text."""
+    """The grammar spec (JSON text) for a validated response_format, or None for plain text."""
     kind = (value or {}).get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
         return json.dumps({"type": "json_object"})
-    if kind == "json_schema":
-        spec = (value or {}).get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise ValidationError(
-                'json_schema needs {"name": ..., "schema": {...}}', "response_format"
-            )
-        return json.dumps({"type": "json_schema", "schema": spec["schema"]})
-    raise ValidationError(
-        f"type must be text, json_object or json_schema, not {kind!r}", "response_format"
-    )
+    assert value is not None
+    return json.dumps({"type": "json_schema", "schema": value["json_schema"]["schema"]})
 
 
 class CompletionSchema(OpenAISchema):
@@ -257,13 +200,12 @@ class ChatCompletionSchema(OpenAISchema):
     max_completion_tokens = StrictInteger(validate=validate.Range(min=1), allow_none=True)
     logprobs = StrictBoolean()
     top_logprobs = StrictInteger(validate=validate.Range(min=0, max=20), allow_none=True)
-    response_format = fields.Dict()
+    response_format = fields.Nested(ResponseFormatSchema)
 
     @validates_schema
     def check_chat(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("top_logprobs") and not data.get("logprobs"):
             raise ValidationError("needs logprobs=true", "top_logprobs")
-        response_format(data.get("response_format"))
         for key in ("max_tokens", "max_completion_tokens"):
             self.check_new_tokens(data.get(key), key)
 
