@@ -122,3 +122,61 @@ def test_context_overflow_reads_as_openai_writes_it(client: openai.OpenAI) -> No
     body = bad.value.body
     assert body["code"] == "context_length_exceeded"
     assert "in the prompt, 100 in the completion" in body["message"]
+
+
+# --- what lm-evaluation-harness's remote tokenizer asks -------------------------------------
+def test_tokenizer_info_and_tokenize_without_special_tokens(live: str, app: Any) -> None:
+    info = requests.get(f"{live}/tokenizer_info", timeout=30).json()
+    tokenizer = app.extensions["textgen.registry"].engine(None).runner.loaded.tokenizer
+    assert info["model"] == "tiny-llama"
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    assert info["chat_template"] == tokenizer.chat_template
+    assert info["vocab_size"] == len(tokenizer)
+    other = requests.get(f"{live}/tokenizer_info", params={"model": "tiny-gpt2"}, timeout=30)
+    assert other.json()["model"] == "tiny-gpt2"
+    missing = requests.get(f"{live}/tokenizer_info", params={"model": "nope"}, timeout=30)
+    assert missing.status_code == 404
+
+    def tokens(**extra: Any) -> list[int]:
+        body = {"prompt": "Hello world", **extra}
+        return requests.post(f"{live}/tokenize", json=body, timeout=30).json()["tokens"]
+
+    plain = tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+    assert tokens(add_special_tokens=False) == plain
+    assert tokens() == tokenizer("Hello world")["input_ids"]
+
+
+def test_pieces_are_readable_text(live: str) -> None:
+    text = "Hello wörld ✓"
+    body = requests.post(f"{live}/tokenize", json={"prompt": text, "add_special_tokens": False})
+    out = body.json()
+    assert "".join(out["pieces"]) == text
+    assert not any("Ġ" in piece for piece in out["pieces"])
+    back = requests.post(f"{live}/detokenize", json={"tokens": out["tokens"]}, timeout=30).json()
+    assert back["prompt"] == text and back["pieces"] == out["pieces"]
+
+
+def test_request_ids_are_echoed_or_made(live: str) -> None:
+    given = requests.get(f"{live}/health", headers={"X-Request-ID": "abc-123"}, timeout=30)
+    assert given.headers["X-Request-ID"] == "abc-123"
+    made = requests.post(f"{live}/generate", json={"prompt": 5}, timeout=30)  # a 400 too
+    assert made.status_code == 400 and len(made.headers["X-Request-ID"]) == 32
+    forged = requests.get(f"{live}/health", headers={"X-Request-ID": "a\tb" + "x" * 200})
+    assert forged.headers["X-Request-ID"] != "a\tb" + "x" * 200
+    assert requests.get(f"{live}/nowhere", timeout=30).headers["X-Request-ID"]
+
+
+def test_system_fingerprint_in_responses_and_chunks(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
+    assert whole.system_fingerprint and whole.system_fingerprint.startswith("fp_")
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=2,
+            stream=True,
+        )
+    )
+    assert {c.system_fingerprint for c in chunks} == {chunks[0].system_fingerprint}
+    other = client.completions.create(model="tiny-gpt2", prompt="Hi", max_tokens=2)
+    assert other.system_fingerprint != whole.system_fingerprint

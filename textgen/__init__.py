@@ -18,6 +18,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from textgen.api import generate, info, tokenize
     from textgen.api.docs import init_docs
     from textgen.api.errors import register_error_handlers
+    from textgen.api.tracing import init_request_ids
     from textgen.config import PREFIX, check_unknown_env, load_settings
     from textgen.openai import chat, completions
     from textgen.openai import models as openai_models
@@ -44,6 +45,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         api.register_blueprint(module.bp)
     # After the docs: their error handler is replaced by textgen's one error shape.
     register_error_handlers(app)
+    init_request_ids(app)
 
     registry = ModelRegistry(settings)
     app.extensions["textgen.registry"] = registry

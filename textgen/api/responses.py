@@ -120,6 +120,18 @@ class DetokenizeResponseSchema(Schema):
     pieces = fields.List(fields.String(), required=True)
 
 
+class TokenizerInfoSchema(Schema):
+    model = fields.String(required=True)
+    tokenizer_class = fields.String(required=True)
+    bos_token = fields.String(allow_none=True, required=True)
+    eos_token = fields.String(allow_none=True, required=True)
+    pad_token = fields.String(allow_none=True, required=True)
+    unk_token = fields.String(allow_none=True, required=True)
+    chat_template = fields.String(allow_none=True, required=True)
+    model_max_length = fields.Integer(allow_none=True, required=True)
+    vocab_size = fields.Integer(required=True)
+
+
 class HealthSchema(Schema):
     """Loading state: ok once every model is loaded and warmed up."""
 

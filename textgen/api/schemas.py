@@ -202,3 +202,53 @@ def parameter_ranges(settings: Settings) -> dict[str, dict[str, Any]]:
     ranges["stop"]["max_items"] = settings.max_stop_strings
     ranges["timeout"].update(max=settings.max_timeout, default=settings.max_timeout)
     return ranges
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """A validated POST /tokenize body."""
+
+    model: str | None
+    prompt: PromptInput
+    add_special_tokens: bool | None
+
+
+class TokenizeSchema(RequestSchema):
+    """A prompt, or chat messages (the chat template is applied), to turn into tokens."""
+
+    model = fields.String(validate=validate.Length(min=1))
+    prompt = fields.String()
+    messages = fields.List(fields.Nested(MessageSchema), validate=validate.Length(min=1))
+    chat = StrictBoolean()
+    add_special_tokens = StrictBoolean(
+        metadata={
+            "description": "add the BOS/EOS the tokenizer adds (default: true for a prompt, "
+            "false for chat, whose template writes its own)"
+        }
+    )
+
+    @validates_schema
+    def check_input(self, data: dict[str, Any], **_: Any) -> None:
+        if ("prompt" in data) == ("messages" in data):
+            raise ValidationError("give either prompt or messages", "prompt")
+
+    @post_load
+    def make_request(self, data: dict[str, Any], **_: Any) -> TokenizeRequest:
+        if "messages" in data:
+            prompt = PromptInput(messages=chat_turns(data["messages"]))
+        else:
+            prompt = PromptInput(text=data["prompt"], chat=data.get("chat", False))
+        return TokenizeRequest(data.get("model"), prompt, data.get("add_special_tokens"))
+
+
+class DetokenizeSchema(RequestSchema):
+    """Token ids to turn back into text."""
+
+    model = fields.String(validate=validate.Length(min=1))
+    tokens = fields.List(StrictInteger(validate=validate.Range(min=0)), required=True)
+
+
+class ModelQuerySchema(RequestSchema):
+    """?model= (the default model when absent)."""
+
+    model = fields.String(validate=validate.Length(min=1))

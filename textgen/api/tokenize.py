@@ -1,77 +1,56 @@
-"""POST /tokenize and /detokenize: the model's tokenizer over HTTP, for counting and debugging."""
+"""POST /tokenize and /detokenize, GET /tokenizer_info: the model's tokenizer over HTTP, for
+counting, debugging and clients that tokenize on the server (lm-evaluation-harness)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import (
-    ValidationError,
-    fields,
-    post_load,
-    validate,
-    validates_schema,
-)
+from marshmallow import ValidationError
 
 from textgen.api import current_registry
 from textgen.api.docs import READS_MODEL, Blueprint
-from textgen.api.fields import RequestSchema, StrictBoolean, StrictInteger
-from textgen.api.responses import DetokenizeResponseSchema, TokenizeResponseSchema
-from textgen.api.schemas import MessageSchema, chat_turns
-from textgen.errors import context_exceeded
-from textgen.generation.prompts import PromptInput
-
-bp = Blueprint(
-    "tokenize", __name__, description="The model's tokenizer, for counting and debugging"
+from textgen.api.responses import (
+    DetokenizeResponseSchema,
+    TokenizeResponseSchema,
+    TokenizerInfoSchema,
 )
+from textgen.api.schemas import DetokenizeSchema, ModelQuerySchema, TokenizeRequest, TokenizeSchema
+from textgen.engine.detokenize import IncrementalDetokenizer
+from textgen.errors import context_exceeded
+
+bp = Blueprint("tokenize", __name__, description="The model's tokenizer, for counting, debugging")
 
 
-class TokenizeSchema(RequestSchema):
-    """A prompt, or chat messages (the chat template is applied), to turn into tokens."""
-
-    model = fields.String(validate=validate.Length(min=1))
-    prompt = fields.String()
-    messages = fields.List(fields.Nested(MessageSchema), validate=validate.Length(min=1))
-    chat = StrictBoolean()
-
-    @validates_schema
-    def check_input(self, data: dict[str, Any], **_: Any) -> None:
-        if ("prompt" in data) == ("messages" in data):
-            raise ValidationError("give either prompt or messages", "prompt")
-
-    @post_load
-    def make_prompt(self, data: dict[str, Any], **_: Any) -> tuple[str | None, PromptInput]:
-        if "messages" in data:
-            return data.get("model"), PromptInput(messages=chat_turns(data["messages"]))
-        return data.get("model"), PromptInput(text=data["prompt"], chat=data.get("chat", False))
-
-
-class DetokenizeSchema(RequestSchema):
-    """Token ids to turn back into text."""
-
-    model = fields.String(validate=validate.Length(min=1))
-    tokens = fields.List(StrictInteger(validate=validate.Range(min=0)), required=True)
+def readable_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each token adds, as llama.cpp's /tokenize shows it: " world", not the
+    byte-level symbol "Ġworld". A token that ends inside a character adds "", and the token
+    that completes it carries the whole character."""
+    detokenizer = IncrementalDetokenizer(lambda part: str(tokenizer.decode(part)))
+    pieces = [detokenizer.push(token) for token in ids]
+    if pieces:
+        pieces[-1] += detokenizer.flush()
+    return pieces
 
 
 @bp.post("/tokenize")
 @bp.arguments(TokenizeSchema, example={"prompt": "Hello world"})
 @bp.response(200, TokenizeResponseSchema)
 @bp.errors(*READS_MODEL)
-def tokenize(body: tuple[str | None, PromptInput]) -> dict[str, Any]:
+def tokenize(body: TokenizeRequest) -> dict[str, Any]:
     """Turn a prompt (or chat messages, through the chat template) into token ids.
 
-    Gives the ids, their pieces and count, and the model's context length.
+    Gives the ids, the text each adds, their count, and the model's context length.
     """
-    model, prompt = body
-    runner = current_registry().engine(model).runner
-    ids = runner.tokenize(prompt)
+    runner = current_registry().engine(body.model).runner
+    ids = runner.tokenize(body.prompt, body.add_special_tokens)
     cap = runner.limits.max_prompt_tokens
     if len(ids) > cap:
-        raise context_exceeded(cap, len(ids), None, prompt.is_chat)
+        raise context_exceeded(cap, len(ids), None, body.prompt.is_chat)
     tokenizer = runner.loaded.tokenizer
     return {
         "model": runner.name,
         "tokens": ids,
-        "pieces": tokenizer.convert_ids_to_tokens(ids),
+        "pieces": readable_pieces(tokenizer, ids),
         "count": len(ids),
         "max_model_len": runner.loaded.context_length,
     }
@@ -93,5 +72,29 @@ def detokenize(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": runner.name,
         "prompt": tokenizer.decode(body["tokens"]),
-        "pieces": tokenizer.convert_ids_to_tokens(body["tokens"]),
+        "pieces": readable_pieces(tokenizer, body["tokens"]),
+    }
+
+
+@bp.get("/tokenizer_info")
+@bp.arguments(ModelQuerySchema, location="query")
+@bp.response(200, TokenizerInfoSchema)
+@bp.errors(404, 503)
+def get_tokenizer_info(query: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer's special tokens, chat template and lengths (what vLLM answers here).
+
+    lm-evaluation-harness's remote tokenizer reads this, then tokenizes through /tokenize.
+    """
+    runner = current_registry().engine(query.get("model")).runner
+    tokenizer = runner.loaded.tokenizer
+    return {
+        "model": runner.name,
+        "tokenizer_class": type(tokenizer).__name__,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "unk_token": tokenizer.unk_token,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "model_max_length": runner.loaded.context_length,
+        "vocab_size": len(tokenizer),
     }

@@ -47,8 +47,9 @@ class ModelRunner:
     def name(self) -> str:
         return self.loaded.spec.name
 
-    def tokenize(self, prompt: PromptInput) -> list[int]:
-        """Token ids of a prompt as the model will see them (chat template applied)."""
+    def tokenize(self, prompt: PromptInput, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of a prompt as the model will see them (chat template applied);
+        ``add_special_tokens`` overrides whether the tokenizer adds its BOS/EOS."""
         tokenizer = self.loaded.tokenizer
         if prompt.token_ids is not None:
             if any(i >= len(tokenizer) for i in prompt.token_ids):
@@ -63,7 +64,8 @@ class ModelRunner:
         except PromptError as exc:
             raise RequestRejected(str(exc), "messages", "chat_template_missing") from exc
         # A chat template already writes the special tokens it wants.
-        return list(tokenizer(text, add_special_tokens=not prompt.is_chat)["input_ids"])
+        special = not prompt.is_chat if add_special_tokens is None else add_special_tokens
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def encode(self, prompts: list[PromptInput]) -> list[list[int]]:
         """Token ids of each prompt; rejects prompts over the caps."""

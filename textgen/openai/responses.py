@@ -33,6 +33,9 @@ class GeneratedSchema(Schema):
     object = fields.String(required=True)
     created = fields.Integer(required=True)
     model = fields.String(required=True)
+    system_fingerprint = fields.String(
+        required=True, metadata={"description": "model, revision, weight format and version"}
+    )
     choices = fields.List(fields.Dict(), required=True)
     usage = fields.Nested(UsageSchema, required=True)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 from flask import Response, request
@@ -30,6 +32,7 @@ class Reply:
     model: str
     text: Callable[[int], str]  # how a token reads in logprobs
     response_id: str
+    fingerprint: str
 
     def base(self, object_name: str) -> dict[str, Any]:
         return {
@@ -37,6 +40,7 @@ class Reply:
             "object": object_name,
             "created": int(time.time()),
             "model": self.model,
+            "system_fingerprint": self.fingerprint,
         }
 
     def index(self, event: Delta | Finished) -> int:
@@ -68,7 +72,15 @@ def respond(
         [engine], body.prompts, body.params, body.timeout, body.until_context
     )
     model = engine.name
-    reply = Reply(registry, body, submission, model, token_text(registry, model), new_id(id_prefix))
+    reply = Reply(
+        registry,
+        body,
+        submission,
+        model,
+        token_text(registry, model),
+        new_id(id_prefix),
+        system_fingerprint(engine.runner.loaded.info()),
+    )
     sock = request.environ.get("gunicorn.socket")
     if body.stream:
         parts = stream_parts(reply)
@@ -90,6 +102,14 @@ def respond(
     result = submission.result().models[0]
     choices = [choice(reply, result, finished) for finished in result.outputs]
     return {**reply.base(object_name), "choices": choices, "usage": usage_body(result.usage)}
+
+
+def system_fingerprint(model: dict[str, Any]) -> str:
+    """What OpenAI's system_fingerprint stands for: the backend configuration that, with the
+    seed, decides the output (here the model, its revision and weight format, and textgen's
+    version)."""
+    key = f"{version('textgen')}:{model['name']}:{model['revision']}:{model['dtype']}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def new_id(prefix: str) -> str:
