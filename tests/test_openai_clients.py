@@ -180,3 +180,35 @@ def test_system_fingerprint_in_responses_and_chunks(client: openai.OpenAI) -> No
     assert {c.system_fingerprint for c in chunks} == {chunks[0].system_fingerprint}
     other = client.completions.create(model="tiny-gpt2", prompt="Hi", max_tokens=2)
     assert other.system_fingerprint != whole.system_fingerprint
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt(client: openai.OpenAI) -> None:
+    def score(max_tokens: int) -> Any:
+        return client.completions.create(
+            model="tiny-llama",
+            prompt="The cat sat on the mat",
+            max_tokens=max_tokens,
+            echo=True,
+            logprobs=1,
+            temperature=0,
+        )
+
+    zero, one = score(0), score(1)
+    choice = zero.choices[0]
+    assert choice.text == "The cat sat on the mat"
+    assert choice.finish_reason == "length"
+    assert zero.usage is not None and zero.usage.completion_tokens == 0
+    assert choice.logprobs is not None and one.choices[0].logprobs is not None
+    prompt_tokens = zero.usage.prompt_tokens
+    assert len(choice.logprobs.tokens or []) == prompt_tokens
+    # The prompt's logprobs are the same ones a one-token completion reports for it.
+    assert choice.logprobs.token_logprobs == (one.choices[0].logprobs.token_logprobs or [])[
+        :prompt_tokens
+    ]
+    assert (choice.logprobs.token_logprobs or [None])[0] is None
+    streamed = list(
+        client.completions.create(
+            model="tiny-llama", prompt="The cat", max_tokens=0, echo=True, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "The cat"

@@ -27,7 +27,7 @@ def assert_error(response: Any, status: int, param: str | None = None) -> dict[s
         ({"prompt": []}, "prompt"),
         ({"prompt": ["ok", ""]}, "prompt"),
         ({"prompt": 5}, "prompt"),
-        ({"prompt": ["a"] * 9}, "prompt"),
+        ({"prompt": ["a"] * 65}, "prompt"),
         ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
         ({"prompt": "hi", "max_new_tokens": 100000}, "max_new_tokens"),
         ({"prompt": "hi", "max_new_tokens": "5"}, "max_new_tokens"),

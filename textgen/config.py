@@ -88,7 +88,8 @@ class Settings:
         "compile the decoder of int8 and int4 Llama-shaped models (once, into the cache; "
         "needs a C++ compiler)",
     )
-    max_prompts: int = setting(integer(8, 1, 256), "prompts per request")
+    # lm-evaluation-harness sends --batch_size prompts in one request (16 is common).
+    max_prompts: int = setting(integer(64, 1, 256), "prompts per request")
     max_prompt_tokens: int = setting(integer(4096), "tokens per prompt")
     max_new_tokens: int = setting(integer(1024), "cap on `max_new_tokens`")
     default_max_new_tokens: int = setting(integer(64), "when a request gives none")

@@ -46,13 +46,19 @@ def choice(reply: Reply, result: ModelResult, finished: Finished) -> dict[str, A
     """One choice of a whole response."""
     echo = reply.body.echo
     prompt_logprobs = result.prompt_logprobs.get(finished.prompt_index, ()) if echo else ()
+    score_only = reply.body.score_only
+    generated = "" if score_only else finished.text
     return {
         "index": reply.index(finished),
-        "text": (echoed(reply, finished.prompt_index) if echo else "") + finished.text,
+        "text": (echoed(reply, finished.prompt_index) if echo else "") + generated,
         "logprobs": logprobs_block(
-            reply, finished.prompt_index, finished.logprobs, echo, prompt_logprobs=prompt_logprobs
+            reply,
+            finished.prompt_index,
+            () if score_only else finished.logprobs,
+            echo,
+            prompt_logprobs=prompt_logprobs,
         ),
-        "finish_reason": finish_reason(finished),
+        "finish_reason": "length" if score_only else finish_reason(finished),
     }
 
 
@@ -119,7 +125,7 @@ def stream_parts(reply: Reply) -> StreamParts:
                 yield chunk(index, prompt, None, None)
 
     def on_delta(model: str, event: Delta) -> dict[str, Any] | None:
-        if not event.text and not event.logprobs:
+        if reply.body.score_only or (not event.text and not event.logprobs):
             return None
         index = reply.index(event)
         start = offsets.get(index, 0)
@@ -128,6 +134,7 @@ def stream_parts(reply: Reply) -> StreamParts:
         return chunk(index, event.text, logprobs, None)
 
     def on_finish(model: str, event: Finished) -> dict[str, Any]:
-        return chunk(reply.index(event), "", None, finish_reason(event))
+        reason = "length" if reply.body.score_only else finish_reason(event)
+        return chunk(reply.index(event), "", None, reason)
 
     return StreamParts(opening(), on_delta, on_finish)

@@ -115,6 +115,7 @@ class OpenAIRequest:
     timeout: float
     echo: bool = False
     until_context: bool = False
+    score_only: bool = False  # max_tokens 0: the response holds no generated token
 
 
 def generation_params(
@@ -157,7 +158,10 @@ class CompletionSchema(OpenAISchema):
     """POST /v1/completions."""
 
     prompt = PromptField(required=True)
-    max_tokens = StrictInteger(validate=validate.Range(min=1), allow_none=True)
+    max_tokens = StrictInteger(
+        validate=validate.Range(min=0),
+        metadata={"description": "0 with echo scores the prompt alone (its logprobs)"},
+    )
     logprobs = StrictInteger(validate=validate.Range(min=0, max=20), allow_none=True)
     echo = StrictBoolean()
     suffix = fields.Raw(allow_none=True)
@@ -178,7 +182,10 @@ class CompletionSchema(OpenAISchema):
     def make_request(self, data: dict[str, Any], **_: Any) -> OpenAIRequest:
         max_tokens = data.get("max_tokens", 16)  # OpenAI's default for completions
         echo = data.get("echo", False)
-        params = generation_params(data, max_tokens, data.get("logprobs"), echo)
+        # Nothing to generate: one token is computed (the prefill gives the prompt's logprobs)
+        # and then left out of the response.
+        score_only = max_tokens == 0
+        params = generation_params(data, max_tokens or 1, data.get("logprobs"), echo)
         return OpenAIRequest(
             model=data.get("model"),
             prompts=data["prompt"],
@@ -187,6 +194,7 @@ class CompletionSchema(OpenAISchema):
             include_usage=data.get("stream_options", {}).get("include_usage", False),
             timeout=self.deadline_s(data),
             echo=echo,
+            score_only=score_only,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import uuid
@@ -16,7 +17,7 @@ from textgen.api import current_registry
 from textgen.api.responses import usage_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished, TokenLogprob
-from textgen.engine.results import ModelResult
+from textgen.engine.results import ModelResult, Usage
 from textgen.engine.submission import Submission
 from textgen.openai.protocol import OpenAIRequest
 from textgen.service.registry import ModelRegistry
@@ -88,7 +89,7 @@ def respond(
         def closing() -> dict[str, Any] | None:
             if not body.include_usage:
                 return None
-            usage = usage_body(submission.result().usage)
+            usage = usage_body(reported(body, submission.result().usage))
             return {**reply.base(chunk_object), "choices": [], "usage": usage}
 
         ping_s = registry.settings.stream_ping_s
@@ -101,7 +102,13 @@ def respond(
         return {}  # the client left; nobody reads this
     result = submission.result().models[0]
     choices = [choice(reply, result, finished) for finished in result.outputs]
-    return {**reply.base(object_name), "choices": choices, "usage": usage_body(result.usage)}
+    usage = usage_body(reported(body, result.usage))
+    return {**reply.base(object_name), "choices": choices, "usage": usage}
+
+
+def reported(body: OpenAIRequest, usage: Usage) -> Usage:
+    """The usage a client is told of: a score-only request generated nothing it sees."""
+    return dataclasses.replace(usage, completion_tokens=0) if body.score_only else usage
 
 
 def system_fingerprint(model: dict[str, Any]) -> str:
