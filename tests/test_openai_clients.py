@@ -202,9 +202,10 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(client: openai.OpenAI) -> N
     prompt_tokens = zero.usage.prompt_tokens
     assert len(choice.logprobs.tokens or []) == prompt_tokens
     # The prompt's logprobs are the same ones a one-token completion reports for it.
-    assert choice.logprobs.token_logprobs == (one.choices[0].logprobs.token_logprobs or [])[
-        :prompt_tokens
-    ]
+    assert (
+        choice.logprobs.token_logprobs
+        == (one.choices[0].logprobs.token_logprobs or [])[:prompt_tokens]
+    )
     assert (choice.logprobs.token_logprobs or [None])[0] is None
     streamed = list(
         client.completions.create(
