@@ -63,11 +63,11 @@ class MessageSchema(RequestSchema):
     content: fields.Field = fields.String(required=True)
 
 
-def chat_turns(messages: list[dict[str, Any]]) -> tuple[dict[str, str], ...]:
-    """Validated messages as prompts take them: role and content only, OpenAI's "developer"
-    role as the system turn."""
+def chat_turns(messages: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """Validated messages as prompts take them: role and content only (null for an
+    assistant's calls), OpenAI's "developer" role as the system turn."""
     return tuple(
-        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+        {"role": "system" if m["role"] == "developer" else m["role"], "content": m.get("content")}
         for m in messages
     )
 

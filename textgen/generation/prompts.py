@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from textgen.generation.tools import Tool, generic_turns
 
 
 class ChatTemplater(Protocol):
@@ -21,15 +24,16 @@ class PromptInput:
     """One prompt as the client sent it: plain text, or chat messages."""
 
     text: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     chat: bool = False
     token_ids: tuple[int, ...] | None = None  # already tokenized (OpenAI completions allow it)
+    tools: tuple[Tool, ...] = ()  # functions offered to the model
 
     @property
     def is_chat(self) -> bool:
         return self.chat or self.messages is not None
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         """The message list the chat template is applied to."""
         if self.messages is not None:
             return [dict(m) for m in self.messages]
@@ -44,7 +48,35 @@ def render_prompt(tokenizer: ChatTemplater, prompt: PromptInput, model_name: str
         raise PromptError(
             f"model {model_name!r} has no chat template; send a plain prompt without chat/messages"
         )
+    conversation = prompt.conversation()
+    extra: dict[str, Any] = {}
+    uses_tools = bool(prompt.tools) or any(
+        m["role"] == "tool" or m.get("tool_calls") for m in conversation
+    )
+    if uses_tools and "tools" in str(tokenizer.chat_template):
+        # The template renders tools and calls itself (Qwen2, Llama 3.1, Hermes...): calls'
+        # arguments as objects, as transformers' templates expect them.
+        conversation = [with_parsed_arguments(m) for m in conversation]
+        extra["tools"] = [tool.openai() for tool in prompt.tools] or None
+    elif uses_tools:
+        conversation = generic_turns(conversation, prompt.tools)
     text = tokenizer.apply_chat_template(
-        prompt.conversation(), add_generation_prompt=True, tokenize=False
+        conversation, add_generation_prompt=True, tokenize=False, **extra
     )
     return str(text)
+
+
+def with_parsed_arguments(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose tool calls carry their arguments as objects, not JSON text."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = dict(call["function"])
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except ValueError:
+                pass
+        calls.append({**call, "function": function})
+    return {**message, "tool_calls": calls}

@@ -12,6 +12,7 @@ from textgen.engine.results import ModelResult
 from textgen.openai.protocol import ChatCompletionSchema, OpenAIRequest
 from textgen.openai.responses import CHAT_EVENTS, ChatCompletionResponseSchema
 from textgen.openai.serving import Reply, StreamParts, finish_reason, respond
+from textgen.openai.tool_calls import respond_with_tools
 
 bp = Blueprint("chat", __name__, description="OpenAI-compatible chat completions")
 
@@ -38,8 +39,11 @@ def create_chat_completion(body: OpenAIRequest) -> Response | dict[str, Any]:
 
     `response_format` `json_object` or `json_schema` constrains the output to valid JSON
     (schema-valid for the latter); `logprobs` and `top_logprobs`, `n`, `stop` and `seed` work
-    as in OpenAI's API.
+    as in OpenAI's API. With `tools`, the answer may be a call (`message.tool_calls`,
+    `finish_reason: "tool_calls"`) whose arguments a grammar keeps to the function's schema.
     """
+    if body.tool_mode != "none":
+        return respond_with_tools(body)
     return respond(
         body,
         "chatcmpl",

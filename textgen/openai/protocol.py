@@ -26,7 +26,9 @@ from textgen.api.schemas import (
 )
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
+from textgen.generation.tools import Tool, call_schema
 from textgen.openai.fields import MessageContentField, PromptField
+from textgen.openai.tool_schemas import ToolCallSchema, ToolChoiceField, ToolSchema, tool_mode
 
 
 class StreamOptionsSchema(RequestSchema):
@@ -38,10 +40,23 @@ class ChatMessageSchema(MessageSchema):
     name."""
 
     role = fields.String(
-        required=True, validate=validate.OneOf(["system", "developer", "user", "assistant"])
+        required=True,
+        validate=validate.OneOf(["system", "developer", "user", "assistant", "tool"]),
     )
-    content = MessageContentField(required=True)
+    content = MessageContentField(metadata={"description": "null for an assistant's calls"})
     name = fields.String()
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), validate=validate.Length(min=1))
+    tool_call_id = fields.String(validate=validate.Length(min=1, max=128))
+
+    @validates_schema
+    def check_turn(self, data: dict[str, Any], **_: Any) -> None:
+        role = data["role"]
+        if "content" not in data and not (role == "assistant" and data.get("tool_calls")):
+            raise ValidationError("Missing data for required field.", "content")
+        if "tool_calls" in data and role != "assistant":
+            raise ValidationError("only assistant messages make tool calls", "tool_calls")
+        if (role == "tool") != ("tool_call_id" in data):
+            raise ValidationError("tool messages, and only they, need tool_call_id", "tool_call_id")
 
 
 IGNORED = {"description": "accepted for compatibility; changes nothing here"}
@@ -116,6 +131,8 @@ class OpenAIRequest:
     echo: bool = False
     until_context: bool = False
     score_only: bool = False  # max_tokens 0: the response holds no generated token
+    tools: tuple[Tool, ...] = ()  # offered to the model (none when tool_choice is "none")
+    tool_mode: str = "none"  # none, auto, required, function
 
 
 def generation_params(
@@ -209,11 +226,21 @@ class ChatCompletionSchema(OpenAISchema):
     logprobs = StrictBoolean()
     top_logprobs = StrictInteger(validate=validate.Range(min=0, max=20), allow_none=True)
     response_format = fields.Nested(ResponseFormatSchema)
+    tools = fields.List(fields.Nested(ToolSchema), validate=validate.Length(min=1))
+    tool_choice = ToolChoiceField()
+    parallel_tool_calls = StrictBoolean(
+        metadata={"description": "a response holds at most one call here either way"}
+    )
 
     @validates_schema
     def check_chat(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("top_logprobs") and not data.get("logprobs"):
             raise ValidationError("needs logprobs=true", "top_logprobs")
+        mode = tool_mode(data)[0]
+        if mode != "none" and data.get("n", 1) > 1:
+            raise ValidationError("n > 1 with tools is not supported", "n")
+        if mode != "none" and data.get("response_format", {}).get("type", "text") != "text":
+            raise ValidationError("give tools or a JSON response_format, not both", "tools")
         for key in ("max_tokens", "max_completion_tokens"):
             self.check_new_tokens(data.get(key), key)
 
@@ -221,14 +248,22 @@ class ChatCompletionSchema(OpenAISchema):
     def make_request(self, data: dict[str, Any], **_: Any) -> OpenAIRequest:
         max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
         logprobs = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
-        messages = chat_turns(data["messages"])
-        params = generation_params(data, max_tokens, logprobs)
-        params = dataclasses.replace(
-            params, response_format=response_format(data.get("response_format"))
+        messages = tuple(
+            turn | {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}
+            for turn, m in zip(chat_turns(data["messages"]), data["messages"], strict=True)
         )
+        mode, name = tool_mode(data)
+        tools = tuple(data.get("tools", ())) if mode != "none" else ()
+        fmt = response_format(data.get("response_format"))
+        if mode in ("required", "function"):
+            fmt = json.dumps({"type": "json_schema", "schema": call_schema(tools, name)})
+        params = generation_params(data, max_tokens, logprobs)
+        params = dataclasses.replace(params, response_format=fmt)
         return OpenAIRequest(
             model=data.get("model"),
-            prompts=[PromptInput(messages=messages)],
+            prompts=[PromptInput(messages=messages, tools=tools)],
+            tools=tools,
+            tool_mode=mode,
             params=params,
             stream=data.get("stream", False),
             include_usage=data.get("stream_options", {}).get("include_usage", False),

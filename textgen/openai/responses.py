@@ -61,16 +61,30 @@ class ChatLogprobsSchema(Schema):
     content = fields.List(fields.Nested(TokenLogprobSchema), required=True)
 
 
+class CalledFunctionOutSchema(Schema):
+    name = fields.String(required=True)
+    arguments = fields.String(required=True, metadata={"description": "a JSON object, as text"})
+
+
+class ToolCallOutSchema(Schema):
+    id = fields.String(required=True)
+    type = fields.String(required=True, metadata={"enum": ["function"]})
+    function = fields.Nested(CalledFunctionOutSchema, required=True)
+
+
 class ChatMessageOutSchema(Schema):
     role = fields.String(required=True, metadata={"enum": ["assistant"]})
-    content = fields.String(required=True)
+    content = fields.String(
+        required=True, allow_none=True, metadata={"description": "null for a call"}
+    )
+    tool_calls = fields.List(fields.Nested(ToolCallOutSchema))
 
 
 class ChatChoiceSchema(Schema):
     index = fields.Integer(required=True)
     message = fields.Nested(ChatMessageOutSchema, required=True)
     logprobs = fields.Nested(ChatLogprobsSchema, allow_none=True, required=True)
-    finish_reason = fields.String(required=True, metadata={"enum": FINISH_REASONS})
+    finish_reason = fields.String(required=True, metadata={"enum": [*FINISH_REASONS, "tool_calls"]})
 
 
 class ChatCompletionResponseSchema(GeneratedSchema):
@@ -104,6 +118,8 @@ last chunk with `"choices": []` and `usage`; then `data: [DONE]`. An error after
 
 CHAT_EVENTS = """Server-sent events (`"stream": true`), each `data: <JSON>` with `"object":
 "chat.completion.chunk"`: first `{"delta": {"role": "assistant", "content": ""}}` per choice,
-then `{"delta": {"content": ...}}` pieces, then `{"delta": {}, "finish_reason": ...}`; with
+then `{"delta": {"content": ...}}` pieces (or, for a call, `{"delta": {"tool_calls": [{"index",
+"id", "type", "function": {"name", "arguments": ""}}]}}` and then the arguments in pieces), then
+`{"delta": {}, "finish_reason": ...}`; with
 `stream_options.include_usage`, a last chunk with `"choices": []` and `usage`; then
 `data: [DONE]`. An error after the start is `data: {"error": {...}}`, then `data: [DONE]`."""
