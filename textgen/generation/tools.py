@@ -52,15 +52,28 @@ def call_schema(tools: tuple[Tool, ...], name: str | None = None) -> dict[str, A
 
 
 def system_prompt(tools: tuple[Tool, ...]) -> str:
-    """The generic tool prompt, for chat templates that do not render tools themselves."""
+    """The generic tool prompt, for chat templates that do not render tools themselves: the
+    functions, and the call's form shown on the first one (small models follow an example far
+    more often than a description; bench/tools.py)."""
     listing = "\n".join(json.dumps(tool.openai()["function"], ensure_ascii=False) for tool in tools)
     return (
-        "You can call these functions:\n"
-        f"{listing}\n"
-        "To call one, reply with only a JSON object: "
-        '{"name": <the function name>, "arguments": <an object of its arguments>}. '
+        "You are a helpful assistant with access to these functions:\n"
+        f"{listing}\n\n"
+        "If a function can answer the user, do not answer yourself: reply with only a JSON "
+        f"object that calls it, such as {json.dumps(example_call(tools[0]))}. "
         "Otherwise, answer normally."
     )
+
+
+def example_call(tool: Tool) -> dict[str, Any]:
+    """A call to ``tool`` with placeholder arguments, to show the form of a call."""
+    properties = tool.parameters.get("properties", {}) if isinstance(tool.parameters, dict) else {}
+    required = tool.parameters.get("required", list(properties)) if properties else []
+    placeholders = {"number": 1, "integer": 1, "boolean": True, "array": [], "object": {}}
+    arguments = {
+        key: placeholders.get(str(properties.get(key, {}).get("type")), "...") for key in required
+    }
+    return {"name": tool.name, "arguments": arguments}
 
 
 def generic_turns(messages: list[dict[str, Any]], tools: tuple[Tool, ...]) -> list[dict[str, Any]]:
