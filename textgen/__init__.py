@@ -20,7 +20,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from textgen.api.errors import register_error_handlers
     from textgen.api.tracing import init_request_ids
     from textgen.config import PREFIX, check_unknown_env, load_settings
-    from textgen.openai import chat, completions
+    from textgen.openai import chat, completions, responses_api
     from textgen.openai import models as openai_models
     from textgen.runtime import configure_torch
     from textgen.service.registry import ModelRegistry
@@ -41,7 +41,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     app.extensions["textgen.settings"] = settings  # the caps request validation reads
     api = init_docs(app)
-    for module in (generate, tokenize, info, completions, chat, openai_models):
+    for module in (generate, tokenize, info, completions, chat, responses_api, openai_models):
         api.register_blueprint(module.bp)
     # After the docs: their error handler is replaced by textgen's one error shape.
     register_error_handlers(app)

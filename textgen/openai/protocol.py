@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,8 @@ class OpenAIRequest:
     score_only: bool = False  # max_tokens 0: the response holds no generated token
     tools: tuple[Tool, ...] = ()  # offered to the model (none when tool_choice is "none")
     tool_mode: str = "none"  # none, auto, required, function
+    # The request's settings as a Responses API response repeats them.
+    echoed_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def generation_params(

@@ -123,3 +123,44 @@ then `{"delta": {"content": ...}}` pieces (or, for a call, `{"delta": {"tool_cal
 `{"delta": {}, "finish_reason": ...}`; with
 `stream_options.include_usage`, a last chunk with `"choices": []` and `usage`; then
 `data: [DONE]`. An error after the start is `data: {"error": {...}}`, then `data: [DONE]`."""
+
+
+class ResponseUsageSchema(Schema):
+    input_tokens = fields.Integer(required=True)
+    input_tokens_details = fields.Dict(required=True, metadata={"description": "cached_tokens"})
+    output_tokens = fields.Integer(required=True)
+    output_tokens_details = fields.Dict(required=True, metadata={"description": "reasoning"})
+    total_tokens = fields.Integer(required=True)
+
+
+class ResponseObjectSchema(Schema):
+    """A Responses API response: its output items (a message with output_text parts, or a
+    function_call), status, usage, and the settings it was made with."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"enum": ["response"]})
+    created_at = fields.Integer(required=True)
+    status = fields.String(required=True, metadata={"enum": ["completed", "incomplete"]})
+    model = fields.String(required=True)
+    output = fields.List(fields.Dict(), required=True)
+    usage = fields.Nested(ResponseUsageSchema, required=True)
+    incomplete_details = fields.Dict(allow_none=True, required=True)
+    error = fields.Dict(allow_none=True, required=True)
+    instructions = fields.String(allow_none=True, required=True)
+    max_output_tokens = fields.Integer(allow_none=True, required=True)
+    temperature = fields.Float(required=True)
+    top_p = fields.Float(required=True)
+    tool_choice = fields.Raw(required=True)
+    tools = fields.List(fields.Dict(), required=True)
+    text = fields.Dict(required=True)
+    parallel_tool_calls = fields.Boolean(required=True)
+    metadata_ = fields.Dict(data_key="metadata", attribute="metadata", required=True)
+
+
+RESPONSE_EVENTS = """Typed server-sent events (`event: <type>` then `data: <JSON>` with `type` and
+`sequence_number`): `response.created`, `response.in_progress`, `response.output_item.added`,
+`response.content_part.added`, `response.output_text.delta` (the text in pieces),
+`response.output_text.done`, `response.content_part.done`, `response.output_item.done`, then
+`response.completed` (or `response.incomplete`) with the whole response; a call comes as
+`response.function_call_arguments.delta` and `.done` instead of the text events. An error after
+the start is an `error` event."""

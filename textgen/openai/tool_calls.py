@@ -73,7 +73,7 @@ def answer_of(engine: Engine, body: OpenAIRequest, sock: socket.socket | None) -
     finished = first.outputs[0]
     if body.tool_mode in ("required", "function"):
         return Answer(parse_call(finished.text, body.tools), finished, first.usage)
-    if not starts_call(finished.text):
+    if not body.tools or not starts_call(finished.text):
         return Answer(None, finished, first.usage)
     # The model began a call on its own: it is made again under the grammar of a call to one
     # of the tools, so that its arguments follow the function's schema. Both runs are counted.
