@@ -165,13 +165,17 @@ def generation_params(
 
 def response_format(value: dict[str, Any] | None) -> str | None:
     """The grammar spec (JSON text) for a validated response_format, or None for plain text."""
-    kind = (value or {}).get("type", "text")
+    value = value or {}
+    return grammar_spec(value.get("type", "text"), value.get("json_schema", {}).get("schema"))
+
+
+def grammar_spec(kind: str, schema: dict[str, Any] | None) -> str | None:
+    """What the engine's grammar compiler takes: None for text, else JSON naming the kind."""
     if kind == "text":
         return None
     if kind == "json_object":
         return json.dumps({"type": "json_object"})
-    assert value is not None
-    return json.dumps({"type": "json_schema", "schema": value["json_schema"]["schema"]})
+    return json.dumps({"type": "json_schema", "schema": schema})
 
 
 class CompletionSchema(OpenAISchema):
@@ -259,7 +263,7 @@ class ChatCompletionSchema(OpenAISchema):
         tools = tuple(data.get("tools", ())) if mode != "none" else ()
         fmt = response_format(data.get("response_format"))
         if mode in ("required", "function"):
-            fmt = json.dumps({"type": "json_schema", "schema": call_schema(tools, name)})
+            fmt = grammar_spec("json_schema", call_schema(tools, name))
         params = generation_params(data, max_tokens, logprobs)
         params = dataclasses.replace(params, response_format=fmt)
         return OpenAIRequest(

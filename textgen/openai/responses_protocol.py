@@ -4,7 +4,6 @@ onto a chat request (messages, tools, settings) that the chat machinery answers.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
@@ -13,7 +12,7 @@ from textgen.api.fields import RequestSchema, StrictBoolean, StrictFloat, Strict
 from textgen.api.schemas import SharedSchema
 from textgen.generation.prompts import PromptInput
 from textgen.generation.tools import Tool, call_schema
-from textgen.openai.protocol import IGNORED, OpenAIRequest, generation_params
+from textgen.openai.protocol import IGNORED, OpenAIRequest, generation_params, grammar_spec
 from textgen.openai.tool_schemas import FUNCTION_NAME, tool_mode
 
 ROLES = ["system", "developer", "user", "assistant"]
@@ -181,7 +180,7 @@ class ResponsesSchema(SharedSchema):
         params = generation_params(data, data.get("max_output_tokens"), None)
         fmt = text_format(data.get("text", {}).get("format"))
         if mode in ("required", "function"):
-            fmt = json.dumps({"type": "json_schema", "schema": call_schema(tools, name)})
+            fmt = grammar_spec("json_schema", call_schema(tools, name))
         return OpenAIRequest(
             model=data.get("model"),
             prompts=[PromptInput(messages=tuple(messages), tools=tools)],
@@ -206,10 +205,5 @@ class ResponsesSchema(SharedSchema):
 
 def text_format(value: dict[str, Any] | None) -> str | None:
     """The grammar spec (JSON text) for text.format, or None for plain text."""
-    kind = (value or {}).get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return json.dumps({"type": "json_object"})
-    assert value is not None
-    return json.dumps({"type": "json_schema", "schema": value["schema"]})
+    value = value or {}
+    return grammar_spec(value.get("type", "text"), value.get("schema"))

@@ -20,7 +20,7 @@ from textgen.engine.results import ModelResult, Usage
 from textgen.engine.scheduler import Engine
 from textgen.engine.submission import Submission
 from textgen.generation.tools import ToolCall, call_schema, parse_call, starts_call
-from textgen.openai.protocol import OpenAIRequest
+from textgen.openai.protocol import OpenAIRequest, grammar_spec
 from textgen.openai.serving import new_id, system_fingerprint
 
 # How many pieces a streamed call's arguments come in (OpenAI streams them in many).
@@ -77,7 +77,7 @@ def answer_of(engine: Engine, body: OpenAIRequest, sock: socket.socket | None) -
         return Answer(None, finished, first.usage)
     # The model began a call on its own: it is made again under the grammar of a call to one
     # of the tools, so that its arguments follow the function's schema. Both runs are counted.
-    spec = json.dumps({"type": "json_schema", "schema": call_schema(body.tools)})
+    spec = grammar_spec("json_schema", call_schema(body.tools))
     params = dataclasses.replace(body.params, response_format=spec)
     second = generate(engine, dataclasses.replace(body, params=params), sock)
     if second is None:
