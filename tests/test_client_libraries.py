@@ -130,3 +130,27 @@ def test_lm_eval_harness_runs_offline(
                 choice,
             )
     assert 0.0 <= results["results"]["textgen_tiny_choice"]["acc,none"] <= 1.0
+
+
+def test_instructor_tools_mode(tools_base: str) -> None:
+    import instructor
+    import openai
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=20)
+        unit: str = Field(pattern="^(celsius|fahrenheit)$")
+
+    client = instructor.from_openai(
+        openai.OpenAI(base_url=tools_base, api_key="unused", max_retries=0),
+        mode=instructor.Mode.TOOLS,
+    )
+    weather = client.chat.completions.create(
+        model="tiny-llama",
+        response_model=Weather,
+        messages=[{"role": "user", "content": "The weather in Paris, in celsius?"}],
+        max_tokens=120,
+        temperature=0,
+        max_retries=0,
+    )
+    assert isinstance(weather, Weather) and weather.unit in ("celsius", "fahrenheit")
