@@ -140,3 +140,17 @@ def test_back_to_back_requests_never_see_a_stale_full_queue(
     for i in range(10):
         response = client.post("/generate", json={"prompt": f"Hello {i}", "max_new_tokens": 2})
         assert response.status_code == 200, (i, response.get_json())
+
+
+def test_retry_after_comes_from_the_measured_speed() -> None:
+    from textgen.engine.scheduler import retry_after
+
+    assert retry_after([], 0.1, 0, 0, 100.0) == 1  # idle: at once (1 s at least)
+    assert retry_after([100, 300], 0.1, 0, 0, 100.0) == 10  # the first running one ends
+    assert retry_after([], 0.1, 2000, 0, 100.0) == 20  # admitted but none running yet
+    assert retry_after([10], 0.1, 0, 5000, 100.0) == 50  # too many tokens ahead
+    assert retry_after([10**9], 1.0, 0, 0, 1.0) == 600  # never longer than that
+
+
+def test_an_idle_registry_says_come_back_at_once(app) -> None:
+    assert app.extensions["textgen.registry"].retry_after() == 1

@@ -144,6 +144,12 @@ class Engine:
             if len(self._active) >= self.limits.max_requests:
                 raise self._full(self._pending_tokens(), 0)
 
+    def drain_seconds(self) -> int:
+        """Seconds until the first request running now finishes, from the measured speed (1 at
+        least): when a worker whose threads are all taken has one free again."""
+        with self._wake:
+            return self._retry_after(self._pending_tokens(), 0)
+
     def _full(self, pending: int, excess: int) -> QueueFull:
         """The refusal for the current load, counted (call with the lock held)."""
         self.metrics.count("rejected")

@@ -102,6 +102,14 @@ class TextgenWorker(ThreadWorker):
         registry = self.registry
         return DEFAULT_READ_TIMEOUT if registry is None else float(registry.settings.read_timeout)
 
+    def retry_after(self) -> int:
+        """A thread frees when a request finishes: the engines' estimate of the first one."""
+        registry = self.registry
+        try:
+            return int(registry.retry_after()) if registry is not None else 1
+        except Exception:  # an estimate must never fail the refusal itself
+            return 1
+
     @property
     def registry(self) -> Any:
         return getattr(self.wsgi, "extensions", {}).get("textgen.registry")
@@ -158,7 +166,8 @@ class TextgenWorker(ThreadWorker):
             return False
         self.stop_reading(conn)
         if self.in_flight >= self.cfg.threads:
-            self.answer(conn, 429, "every request thread of this worker is busy; try again", 1)
+            message = "every request thread of this worker is busy; try again"
+            self.answer(conn, 429, message, self.retry_after())
             return True
         conn.init()
         conn.parser.unreader.unread(verdict.data)

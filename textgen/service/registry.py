@@ -122,6 +122,13 @@ class ModelRegistry:
                 raise ModelsNotReady(self._detail)
             return engine
 
+    def retry_after(self) -> int:
+        """When a request refused for want of capacity may come back: as soon as the first of
+        the running requests, on any model, finishes."""
+        with self._guard:
+            engines = list(self._engines.values())
+        return min((engine.drain_seconds() for engine in engines), default=1)
+
     def close(self) -> None:
         """Stop every engine (at process exit)."""
         with self._guard:
