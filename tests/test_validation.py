@@ -76,8 +76,8 @@ def test_unknown_model_is_404(client: FlaskClient) -> None:
 
 
 def test_non_json_body(client: FlaskClient) -> None:
-    assert_error(client.post("/generate", data="not json"), 400)
-    assert_error(client.post("/generate", data=""), 400)
+    assert_error(client.post("/generate", data="not json", content_type="application/json"), 400)
+    assert_error(client.post("/generate", data="", content_type="application/json"), 400)
 
 
 def test_json_that_is_not_an_object(client: FlaskClient) -> None:
@@ -130,3 +130,28 @@ def test_unexpected_failure_is_a_json_500_without_traceback(
     monkeypatch.undo()
     # The engine survived its failure and serves the next request.
     assert client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None],
+)
+@pytest.mark.parametrize(
+    "path", ["/generate", "/v1/completions", "/v1/chat/completions", "/tokenize"]
+)
+def test_only_json_bodies_are_read(
+    client: FlaskClient, content_type: str | None, path: str
+) -> None:
+    # A cross-site form post (no preflight) must not reach the model.
+    body = '{"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}'
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    error = assert_error(client.post(path, data=body, headers=headers), 415)
+    assert error["code"] == "unsupported_media_type"
+
+
+def test_json_with_a_charset_or_a_json_suffix_is_json(client: FlaskClient) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        response = client.post(
+            "/tokenize", data='{"prompt": "Hi"}', headers={"Content-Type": content_type}
+        )
+        assert response.status_code == 200, content_type

@@ -12,7 +12,7 @@ from marshmallow import Schema, ValidationError
 from webargs.flaskparser import FlaskParser
 
 from textgen.api.body import BodyError, parse_object
-from textgen.api.errors import InvalidRequest
+from textgen.api.errors import InvalidRequest, UnsupportedMediaType
 from textgen.api.responses import ErrorSchema
 
 # What each error status means on textgen's routes (the shape is always ErrorSchema).
@@ -20,12 +20,13 @@ ERRORS = {
     400: "invalid body or field (`param` names it), or the prompt is too long for the model",
     404: "no such model",
     413: "the body is larger than TEXTGEN_MAX_BODY_BYTES",
+    415: "the body is not sent as Content-Type: application/json",
     429: "the engine is full (`Retry-After` says when to try again)",
     500: "the generation failed",
     503: "the models are still loading (`Retry-After`)",
 }
-GENERATES = (400, 404, 413, 429, 500, 503)
-READS_MODEL = (400, 404, 413, 503)
+GENERATES = (400, 404, 413, 415, 429, 500, 503)
+READS_MODEL = (400, 404, 413, 415, 503)
 
 VENDOR = "/static/vendor/"
 # The docs pages may load only what textgen serves: ReDoc's footer would fetch its logo from
@@ -39,12 +40,20 @@ DOCS_CSP = (
 
 
 class BodyParser(FlaskParser):
-    """Bodies as textgen reads them: any Content-Type (curl -d sends form encoding), JSON
-    checked for depth and lone surrogates, and every problem a 400 in textgen's error shape."""
+    """Bodies as textgen reads them: JSON only (415 for any other Content-Type), checked for
+    depth and lone surrogates, and every problem a 400 in textgen's error shape."""
 
     DEFAULT_VALIDATION_STATUS = 400
 
     def load_json(self, req: Request, schema: Schema) -> Any:
+        # Only JSON: a web page can send a text/plain or form POST to a local server without a
+        # CORS preflight, so any other type would let every site the user visits generate.
+        if not req.is_json:
+            raise UnsupportedMediaType(
+                f"the body must be JSON with Content-Type: application/json, not "
+                f"{req.mimetype or 'none'!r}",
+                code="unsupported_media_type",
+            )
         # get_data enforces the body limit (a 413), chunked bodies included.
         try:
             return parse_object(req.get_data(cache=True))

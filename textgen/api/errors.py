@@ -51,6 +51,11 @@ class NotFound(APIError):
     type = "not_found_error"
 
 
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"
+
+
 class GenerationFailed(APIError):
     status = 500
     type = "server_error"
