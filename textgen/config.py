@@ -95,6 +95,11 @@ class Settings:
     default_max_new_tokens: int = setting(integer(64), "when a request gives none")
     max_sequences: int = setting(integer(16, 1, 256), "cap on `num_beams x num_return_sequences`")
     max_stop_strings: int = setting(integer(8, 1, 64), "stop strings per request")
+    content_special_tokens: str = setting(
+        f.String(load_default="escape", validate=validate.OneOf(["escape", "refuse"])),
+        "a chat message whose content spells a special token (`<|im_end|>`...): `escape` "
+        "tokenizes it as plain text, `refuse` answers 400",
+    )
     max_body_bytes: int = setting(integer(1 << 20, 1024), "request body size (then 413)")
     max_batch: int = setting(integer(16, 1, 512), "sequences decoded together per model")
     max_queue: int = setting(integer(64), "unfinished requests per model and worker (then 429)")

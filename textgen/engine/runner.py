@@ -9,7 +9,12 @@ from typing import Any
 
 from textgen.engine.grammar import GrammarCompiler, GrammarLimits
 from textgen.errors import RequestRejected, context_exceeded
-from textgen.generation.prompts import PromptError, PromptInput, render_prompt
+from textgen.generation.prompts import (
+    PromptError,
+    PromptInput,
+    SpecialTokensInContent,
+    render_segments,
+)
 from textgen.generation.strategies import GenerationParams
 from textgen.models.loading import LoadedModel
 
@@ -22,6 +27,9 @@ class Limits:
     max_new_tokens: int
     default_max_new_tokens: int
     grammar: GrammarLimits = GrammarLimits()
+    # A message content that spells a special token: "escape" (tokenized as plain text) or
+    # "refuse" (a 400).
+    content_special_tokens: str = "escape"
 
 
 @dataclass
@@ -42,6 +50,12 @@ class ModelRunner:
         self.grammars = GrammarCompiler(
             loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids, limits.grammar
         )
+        tokenizer = loaded.tokenizer
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        self.specials = frozenset(
+            [str(t) for t in tokenizer.all_special_tokens]
+            + [t.content for t in added if getattr(t, "special", False)]
+        )
 
     @property
     def name(self) -> str:
@@ -60,12 +74,29 @@ class ModelRunner:
                 )
             return list(prompt.token_ids)
         try:
-            text = render_prompt(tokenizer, prompt, self.name)
+            pieces = render_segments(tokenizer, prompt, self.name, self.specials)
+        except SpecialTokensInContent as exc:
+            raise RequestRejected(str(exc), "messages", "special_tokens_in_content") from exc
         except PromptError as exc:
             raise RequestRejected(str(exc), "messages", "chat_template_missing") from exc
+        if len(pieces) > 1 and self.limits.content_special_tokens == "refuse":
+            raise RequestRejected(
+                "a message spells a special token of this model's chat template",
+                "messages",
+                "special_tokens_in_content",
+            )
         # A chat template already writes the special tokens it wants.
         special = not prompt.is_chat if add_special_tokens is None else add_special_tokens
-        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+        ids: list[int] = []
+        for number, (text, from_client) in enumerate(pieces):
+            # The client's text never becomes special tokens (the template's own parts do).
+            encoded = tokenizer(
+                text,
+                add_special_tokens=special and number == 0,
+                split_special_tokens=from_client,
+            )
+            ids.extend(encoded["input_ids"])
+        return ids
 
     def encode(self, prompts: list[PromptInput]) -> list[list[int]]:
         """Token ids of each prompt; rejects prompts over the caps."""

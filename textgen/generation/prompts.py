@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,6 +18,16 @@ class ChatTemplater(Protocol):
 
 class PromptError(ValueError):
     """A prompt cannot be built for this model."""
+
+
+class SpecialTokensInContent(PromptError):
+    """A message's content spells a special token, and this server refuses that."""
+
+
+# Stand-ins for message contents while the template renders: private-use characters that no
+# template writes, so the rendered text splits back into the template's parts and the client's.
+HOLDER = "\ue000{}\ue001"
+HELD = re.compile("\ue000([0-9]+)\ue001")
 
 
 @dataclass(frozen=True)
@@ -80,3 +91,50 @@ def with_parsed_arguments(message: dict[str, Any]) -> dict[str, Any]:
                 pass
         calls.append({**call, "function": function})
     return {**message, "tool_calls": calls}
+
+
+def render_segments(
+    tokenizer: ChatTemplater, prompt: PromptInput, model_name: str, specials: frozenset[str]
+) -> list[tuple[str, bool]]:
+    """The model input as (text, written by the client) pieces. Message contents that spell a
+    special token (``specials``) come out as pieces of their own, to be tokenized as plain text:
+    otherwise "hi<|im_end|><|im_start|>system..." in a user message would end the turn and fake
+    a system one. Everything else is one piece, tokenized as before."""
+    text = render_prompt(tokenizer, prompt, model_name)
+    if not prompt.is_chat or not spells_special(prompt, specials):
+        return [(text, False)]
+    contents: list[str] = []
+
+    def hold(message: dict[str, Any]) -> dict[str, Any]:
+        content = message.get("content")
+        if not isinstance(content, str) or not content:
+            return message
+        contents.append(content)
+        return {**message, "content": HOLDER.format(len(contents) - 1)}
+
+    messages = tuple(hold(m) for m in prompt.conversation())
+    held = render_prompt(tokenizer, PromptInput(messages=messages, tools=prompt.tools), model_name)
+    pieces: list[tuple[str, bool]] = []
+    seen: list[int] = []
+    for number, part in enumerate(HELD.split(held)):
+        if number % 2:
+            seen.append(int(part))
+            pieces.append((contents[int(part)], True))
+        elif part:
+            pieces.append((part, False))
+    if sorted(seen) != list(range(len(contents))):
+        # The template changed a content (trimmed, split...): it cannot be kept apart safely.
+        raise SpecialTokensInContent(
+            "a message spells a special token, and this model's chat template does not keep "
+            "contents whole; remove the special token"
+        )
+    return pieces
+
+
+def spells_special(prompt: PromptInput, specials: frozenset[str]) -> bool:
+    """Whether any message content contains a special token's text."""
+    for message in prompt.conversation():
+        content = message.get("content")
+        if isinstance(content, str) and any(token in content for token in specials):
+            return True
+    return False

@@ -33,6 +33,7 @@ class ModelRegistry:
             max_new_tokens=settings.max_new_tokens,
             default_max_new_tokens=settings.default_max_new_tokens,
             grammar=GrammarLimits(settings.max_schema_bytes, settings.grammar_timeout),
+            content_special_tokens=settings.content_special_tokens,
         )
         self.engine_limits = EngineLimits(
             max_batch=settings.max_batch,
