@@ -97,7 +97,7 @@ class Settings:
     max_stop_strings: int = setting(integer(8, 1, 64), "stop strings per request")
     content_special_tokens: str = setting(
         f.String(load_default="escape", validate=validate.OneOf(["escape", "refuse"])),
-        "a chat message whose content spells a special token (`<|im_end|>`...): `escape` "
+        "a chat message whose content spells a special token (an end-of-turn token...): `escape` "
         "tokenizes it as plain text, `refuse` answers 400",
     )
     max_body_bytes: int = setting(integer(1 << 20, 1024), "request body size (then 413)")
@@ -192,6 +192,7 @@ def settings_table() -> str:
     rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
     for field in dataclasses.fields(Settings):
         meta = field.metadata
+        assert "|" not in meta["doc"], f"{field.name}: a | would split the table's cells"
         rows.append(
             f"| `{PREFIX}_{field.name.upper()}` | {meta['shown'] or shown_default(meta['field'])}"
             f" | {meta['doc']} |"
