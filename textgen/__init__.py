@@ -16,6 +16,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app: settings, routes and their OpenAPI document, error handlers, and this
     worker's model registry."""
     from textgen.api import generate, info, tokenize
+    from textgen.api.access import init_access
     from textgen.api.docs import init_docs
     from textgen.api.errors import register_error_handlers
     from textgen.api.tracing import init_request_ids
@@ -46,6 +47,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     # After the docs: their error handler is replaced by textgen's one error shape.
     register_error_handlers(app)
     init_request_ids(app)
+    init_access(app, settings)
 
     registry = ModelRegistry(settings)
     app.extensions["textgen.registry"] = registry

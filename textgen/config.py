@@ -35,6 +35,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class CommaList(f.Field):
+    """A comma-separated list (or a JSON list): loads as a tuple of non-empty strings."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValidationError("must be a comma-separated list")
+        return tuple(item.strip() for item in items if item.strip())
+
+
 def setting(field: f.Field, doc: str, shown: str | None = None) -> Any:
     """Declare a setting: its type, range and default (a marshmallow field), its one-line
     documentation, and how the default reads in the README when it is computed."""
@@ -74,6 +84,18 @@ class Settings:
         integer(available_cores, 1, 256),
         "torch threads per worker (workers x threads may not exceed the cores)",
         "cores / workers",
+    )
+    cors_origins: tuple[str, ...] = setting(
+        CommaList(load_default=()),
+        "origins (`https://app.example`) whose pages may call the API from a browser; "
+        "empty: no cross-origin access",
+        "(none)",
+    )
+    allowed_hosts: tuple[str, ...] = setting(
+        CommaList(load_default=()),
+        "Host header values served (`api.example,localhost`); any other is a 400, against DNS "
+        "rebinding; empty: any",
+        "(any)",
     )
     load_mode: str = setting(
         f.String(load_default="background", validate=validate.OneOf(["background", "sync"])),

@@ -1,0 +1,42 @@
+"""Who may reach the API from where: the Host header (DNS rebinding) and browsers of other
+origins (CORS, through flask-cors; off unless origins are listed)."""
+
+from __future__ import annotations
+
+from flask import Flask, request
+from flask_cors import CORS
+
+from textgen.api.errors import InvalidRequest
+from textgen.api.tracing import HEADER as REQUEST_ID
+from textgen.config import Settings
+
+
+def init_access(app: Flask, settings: Settings) -> None:
+    """Refuse unlisted hosts (when listed), and answer CORS for the listed origins only."""
+    if settings.allowed_hosts:
+        allowed = {host.lower() for host in settings.allowed_hosts}
+
+        @app.before_request
+        def check_host() -> None:
+            # A page on evil.example that rebinds its name to 127.0.0.1 still sends
+            # "Host: evil.example": only the names this server goes by are served.
+            name = host_name(request.host)
+            if name.lower() not in allowed:
+                raise InvalidRequest(f"host {name!r} is not served here", code="host_not_allowed")
+
+    if settings.cors_origins:
+        CORS(
+            app,
+            origins=list(settings.cors_origins),
+            allow_headers=["Content-Type", "Authorization", REQUEST_ID],
+            expose_headers=[REQUEST_ID, "Retry-After"],
+            methods=["GET", "POST", "OPTIONS"],
+            max_age=600,
+        )
+
+
+def host_name(host: str) -> str:
+    """The Host header without its port ("[::1]:8000" -> "::1", "a.example:80" -> "a.example")."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
