@@ -104,6 +104,11 @@ def on_starting(server):
     server.log.info(
         "textgen: %d worker(s) x %d torch thread(s) on %d cores", workers, _torch_threads, _CORES
     )
+    if _settings.auth != "none":
+        # Once, here: workers starting together would race to create the tables.
+        from textgen.auth.store import migrate
+
+        migrate(_settings.database_url)
     cache = ModelCache(_settings.model_cache)
     if all(is_prepared(spec, cache, _settings.compile) for spec in _settings.models):
         return

@@ -17,6 +17,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     worker's model registry."""
     from textgen.api import generate, info, tokenize
     from textgen.api.access import init_access
+    from textgen.api.auth import init_auth
     from textgen.api.docs import init_docs
     from textgen.api.errors import register_error_handlers
     from textgen.api.tracing import init_request_ids
@@ -48,6 +49,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     init_request_ids(app)
     init_access(app, settings)
+    init_auth(app, settings)
 
     registry = ModelRegistry(settings)
     app.extensions["textgen.registry"] = registry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -84,3 +85,62 @@ def show_settings(markdown: bool) -> None:
         click.echo(json.dumps(settings_from_env().public(), indent=2))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def keys() -> None:
+    """API keys (TEXTGEN_AUTH=api_key): create, list, revoke."""
+
+
+def key_store() -> Any:
+    from textgen.auth.store import KeyStore
+
+    try:
+        return KeyStore(settings_from_env().database_url)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@keys.command(name="create")
+@click.argument("name")
+@click.option("--models", help="Comma-separated models the key may use (default: all).")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
+@click.option("--tpm", type=click.IntRange(min=1), help="Generated tokens per minute.")
+def create_key(name: str, models: str | None, rpm: int | None, tpm: int | None) -> None:
+    """Make a key and print it (once: only its hash is kept)."""
+    from textgen.auth.store import KeyNameError
+
+    allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    try:
+        text = key_store().create(name, allowed, rpm, tpm)
+    except KeyNameError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(text)
+    click.echo(f"key {name!r} created; it is not shown again", err=True)
+
+
+@keys.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_keys(as_json: bool) -> None:
+    """Every key's name, limits and times (never the keys)."""
+    rows = key_store().list()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "revoked" if row["revoked"] else f"last used {row['last_used_at'] or 'never'}"
+        models = ",".join(row["models"]) if row["models"] else "all models"
+        click.echo(f"{row['name']}\t{models}\trpm={row['rpm']}\ttpm={row['tpm']}\t{state}")
+
+
+@keys.command(name="revoke")
+@click.argument("name")
+def revoke_key(name: str) -> None:
+    """Revoke a key at once (on every worker: each request checks the database)."""
+    from textgen.auth.store import KeyNameError
+
+    try:
+        key_store().revoke(name)
+    except KeyNameError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"key {name!r} revoked")

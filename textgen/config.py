@@ -27,6 +27,14 @@ def default_cache_dir() -> str:
     return os.path.join(base, "textgen")
 
 
+def default_database_url() -> str:
+    """A SQLite file under the data directory ($XDG_DATA_HOME/textgen)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return "sqlite:///" + os.path.join(base, "textgen", "textgen.db")
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (respects taskset/cgroup affinity)."""
     try:
@@ -84,6 +92,16 @@ class Settings:
         integer(available_cores, 1, 256),
         "torch threads per worker (workers x threads may not exceed the cores)",
         "cores / workers",
+    )
+    auth: str = setting(
+        f.String(load_default="none", validate=validate.OneOf(["none", "api_key"])),
+        "`none` (local use; a warning when bound beyond loopback) or `api_key` (every route but "
+        "health and docs needs `Authorization: Bearer` and a key from `textgen keys create`)",
+    )
+    database_url: str = setting(
+        f.String(load_default=default_database_url, validate=validate.Length(min=1)),
+        "where API keys are kept: any SQLAlchemy URL",
+        "`sqlite:///~/.local/share/textgen/textgen.db`",
     )
     cors_origins: tuple[str, ...] = setting(
         CommaList(load_default=()),

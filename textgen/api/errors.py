@@ -51,6 +51,16 @@ class NotFound(APIError):
     type = "not_found_error"
 
 
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(APIError):
+    status = 403
+    type = "permission_error"
+
+
 class UnsupportedMediaType(APIError):
     status = 415
     type = "invalid_request_error"

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Response, request
 
-from textgen.api import current_registry
+from textgen.api import current_engine, current_registry
 from textgen.api.docs import GENERATES, Blueprint
 from textgen.api.responses import GENERATION_EVENTS, GenerationSchema, usage_body
 from textgen.api.schemas import GenerateRequest, GenerateSchema
@@ -48,7 +48,7 @@ def create_generation(body: GenerateRequest) -> Response | dict[str, Any]:
     events.
     """
     registry = current_registry()
-    engines = [registry.engine(name) for name in body.models]
+    engines = [current_engine(name) for name in body.models]
     submission = Submission.start(engines, body.prompts, body.params, body.timeout)
     sock = request.environ.get("gunicorn.socket")
     if body.stream:

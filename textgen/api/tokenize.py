@@ -7,7 +7,7 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from textgen.api import current_registry
+from textgen.api import current_engine
 from textgen.api.docs import READS_MODEL, Blueprint
 from textgen.api.responses import (
     DetokenizeResponseSchema,
@@ -41,7 +41,7 @@ def tokenize(body: TokenizeRequest) -> dict[str, Any]:
 
     Gives the ids, the text each adds, their count, and the model's context length.
     """
-    runner = current_registry().engine(body.model).runner
+    runner = current_engine(body.model).runner
     ids = runner.tokenize(body.prompt, body.add_special_tokens)
     cap = runner.limits.max_prompt_tokens
     if len(ids) > cap:
@@ -62,7 +62,7 @@ def tokenize(body: TokenizeRequest) -> dict[str, Any]:
 @bp.errors(*READS_MODEL)
 def detokenize(body: dict[str, Any]) -> dict[str, Any]:
     """Turn token ids back into text, with each token's piece."""
-    runner = current_registry().engine(body.get("model")).runner
+    runner = current_engine(body.get("model")).runner
     tokenizer = runner.loaded.tokenizer
     if len(body["tokens"]) > runner.limits.max_prompt_tokens:
         cap = runner.limits.max_prompt_tokens
@@ -85,7 +85,7 @@ def get_tokenizer_info(query: dict[str, Any]) -> dict[str, Any]:
 
     lm-evaluation-harness's remote tokenizer reads this, then tokenizes through /tokenize.
     """
-    runner = current_registry().engine(query.get("model")).runner
+    runner = current_engine(query.get("model")).runner
     tokenizer = runner.loaded.tokenizer
     return {
         "model": runner.name,

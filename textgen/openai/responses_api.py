@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Response, request
 
-from textgen.api import current_registry
+from textgen.api import current_engine, current_registry
 from textgen.api.docs import GENERATES, Blueprint
 from textgen.api.streaming import follow, sse_response
 from textgen.engine.events import Delta, Failed, Finished
@@ -48,7 +48,7 @@ def create_response(body: OpenAIRequest) -> Response | dict[str, Any]:
     completions make them.
     """
     registry = current_registry()
-    engine = registry.engine(body.model)
+    engine = current_engine(body.model)
     sock = request.environ.get("gunicorn.socket")
     head = {
         "id": f"resp_{uuid.uuid4().hex}",

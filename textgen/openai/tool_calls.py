@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Response, request
 
-from textgen.api import current_registry
+from textgen.api import current_engine
 from textgen.api.responses import usage_body
 from textgen.api.streaming import DONE, sse, sse_response, wait_for
 from textgen.engine.events import Finished
@@ -39,8 +39,7 @@ class Answer:
 def respond_with_tools(body: OpenAIRequest) -> Response | dict[str, Any]:
     """Generate (again under the grammar of a call when an "auto" answer starts one), then
     answer in OpenAI's shape: message.tool_calls and finish_reason "tool_calls" for a call."""
-    registry = current_registry()
-    engine = registry.engine(body.model)
+    engine = current_engine(body.model)
     sock = request.environ.get("gunicorn.socket")
     answer = answer_of(engine, body, sock)
     if answer is None:

@@ -1,0 +1,16 @@
+"""Alembic's environment for textgen's database (run by textgen.auth.store.migrate)."""
+
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+from textgen.auth.store import Base
+
+config = context.config
+
+connectable = engine_from_config(
+    config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+)
+with connectable.connect() as connection:
+    context.configure(connection=connection, target_metadata=Base.metadata)
+    with context.begin_transaction():
+        context.run_migrations()
