@@ -106,6 +106,7 @@ def test_a_required_function_call(tools_client: openai.OpenAI) -> None:
                     tools=[tool],  # type: ignore[list-item]
                     tool_choice="required",
                     max_output_tokens=120,
+                    temperature=0,
                     stream=True,
                 )
                 if e.type == "response.output_item.done"
@@ -117,6 +118,7 @@ def test_a_required_function_call(tools_client: openai.OpenAI) -> None:
                 tools=[tool],  # type: ignore[list-item]
                 tool_choice="required",
                 max_output_tokens=120,
+                temperature=0,
             ).output
         call = items[0]
         assert call.type == "function_call" and call.name == "get_weather"

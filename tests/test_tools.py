@@ -21,7 +21,7 @@ WEATHER = Tool(
     {
         "type": "object",
         "properties": {
-            "city": {"type": "string", "maxLength": 20},
+            "city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
             "unit": {"enum": ["celsius", "fahrenheit"]},
         },
         "required": ["city", "unit"],
