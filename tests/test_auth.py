@@ -77,7 +77,7 @@ def test_keys_decide_who_generates(secured: tuple[str, Path], keys: dict[str, st
 
 def test_open_routes_and_closed_ones(secured: tuple[str, Path]) -> None:
     url, _ = secured
-    for path in ("/health", "/openapi.json", "/docs", "/redoc"):
+    for path in ("/health", "/livez", "/readyz", "/openapi.json", "/docs", "/redoc"):
         assert requests.get(f"{url}{path}", timeout=30).status_code == 200, path
     for path in ("/models", "/strategies", "/info", "/v1/models", "/tokenizer_info"):
         assert requests.get(f"{url}{path}", timeout=30).status_code == 401, path

@@ -72,6 +72,11 @@ def test_health_is_503_while_loading_then_200(
     assert loading.status_code == 503
     assert loading.headers["Retry-After"]
     assert "loading model 'tiny-llama'" in loading.get_json()["detail"]
+    # Alive but not ready: a probe keeps the process and sends it no traffic yet.
+    assert client.get("/livez").status_code == 200
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503
+    assert "loading model 'tiny-llama'" in not_ready.get_json()["detail"]
     busy = client.post("/generate", json={"prompt": "Hi"})
     assert busy.status_code == 503
     assert busy.get_json()["error"]["code"] == "model_loading"
@@ -83,6 +88,7 @@ def test_health_is_503_while_loading_then_200(
             break
         threading.Event().wait(0.1)
     assert client.get("/health").status_code == 200
+    assert client.get("/readyz").get_json()["status"] == "ok"
     assert client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200
 
 

@@ -15,7 +15,7 @@ from textgen.config import Settings
 log = logging.getLogger(__name__)
 
 # Open without a key: whether the server is up, and how to use it.
-OPEN_ENDPOINTS = {"info.get_health", "static"}
+OPEN_ENDPOINTS = {"info.get_health", "info.get_liveness", "info.get_readiness", "static"}
 OPEN_BLUEPRINTS = {"api-docs"}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="textgen"'}
 

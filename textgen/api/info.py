@@ -8,7 +8,13 @@ from typing import Any
 
 from textgen.api import current_registry
 from textgen.api.docs import Blueprint
-from textgen.api.responses import HealthSchema, InfoSchema, ModelListSchema, StrategyListSchema
+from textgen.api.responses import (
+    HealthSchema,
+    InfoSchema,
+    LivenessSchema,
+    ModelListSchema,
+    StrategyListSchema,
+)
 from textgen.api.schemas import parameter_ranges
 from textgen.generation.strategies import describe_strategies
 from textgen.models.memory import process_memory
@@ -28,6 +34,22 @@ def get_health() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
     if status["status"] == "ready":
         return {"status": "ok", **{k: v for k, v in status.items() if k != "status"}}
     return status, 503, {"Retry-After": "5"}
+
+
+@bp.get("/livez")
+@bp.response(200, LivenessSchema)
+def get_liveness() -> dict[str, Any]:
+    """Whether the process answers (for a liveness probe: it says nothing about models)."""
+    return {"status": "alive", "pid": os.getpid()}
+
+
+@bp.get("/readyz")
+@bp.response(200, HealthSchema)
+@bp.alt_response(503, schema=HealthSchema, description="still preparing, or loading failed")
+def get_readiness() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
+    """Whether this worker should get traffic: 200 once every model is loaded and warmed up,
+    503 with the current step (loading, warming up) or the failure before that."""
+    return get_health()
 
 
 @bp.get("/models")

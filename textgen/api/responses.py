@@ -141,6 +141,11 @@ class HealthSchema(Schema):
     ready_after_s = nullable_number("seconds from start to ready")
 
 
+class LivenessSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["alive"]})
+    pid = fields.Integer(required=True)
+
+
 class ModelEntrySchema(Schema):
     """A configured model: its loaded facts, or its spec while it loads."""
 
