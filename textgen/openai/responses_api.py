@@ -20,7 +20,7 @@ from textgen.generation.finish import FinishReason
 from textgen.openai.protocol import OpenAIRequest
 from textgen.openai.responses import RESPONSE_EVENTS, ResponseObjectSchema
 from textgen.openai.responses_protocol import ResponsesSchema
-from textgen.openai.tool_calls import ARGUMENT_PIECES, Answer, answer_of
+from textgen.openai.tool_calls import Answer, answer_of, argument_pieces
 
 bp = Blueprint("responses", __name__, description="OpenAI's Responses API (stateless)")
 
@@ -185,13 +185,12 @@ def replay(head: dict[str, Any], whole: dict[str, Any]) -> Iterator[str]:
     if item["type"] == "function_call":
         yield event("response.output_item.added", output_index=0, item={**item, "arguments": ""})
         arguments = item["arguments"]
-        size = max(1, -(-len(arguments) // ARGUMENT_PIECES))
-        for start in range(0, len(arguments), size):
+        for part in argument_pieces(arguments):
             yield event(
                 "response.function_call_arguments.delta",
                 item_id=item["id"],
                 output_index=0,
-                delta=arguments[start : start + size],
+                delta=part,
             )
         yield event(
             "response.function_call_arguments.done",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 import uuid
@@ -18,6 +19,7 @@ from textgen.api.responses import usage_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.results import ModelResult, Usage
+from textgen.engine.scheduler import Engine
 from textgen.engine.submission import Submission
 from textgen.openai.protocol import OpenAIRequest
 from textgen.service.registry import ModelRegistry
@@ -80,7 +82,7 @@ def respond(
         model,
         token_text(registry, model),
         new_id(id_prefix),
-        system_fingerprint(engine.runner.loaded.info()),
+        system_fingerprint(engine),
     )
     sock = request.environ.get("gunicorn.socket")
     if body.stream:
@@ -111,11 +113,18 @@ def reported(body: OpenAIRequest, usage: Usage) -> Usage:
     return dataclasses.replace(usage, completion_tokens=0) if body.score_only else usage
 
 
-def system_fingerprint(model: dict[str, Any]) -> str:
+def system_fingerprint(engine: Engine) -> str:
     """What OpenAI's system_fingerprint stands for: the backend configuration that, with the
     seed, decides the output (here the model, its revision and weight format, and textgen's
     version)."""
-    key = f"{version('textgen')}:{model['name']}:{model['revision']}:{model['dtype']}"
+    loaded = engine.runner.loaded
+    return fingerprint(loaded.spec.name, loaded.prepared.revision, loaded.spec.dtype)
+
+
+@functools.cache
+def fingerprint(name: str, revision: str | None, dtype: str) -> str:
+    # Once per model: reading the package version touches the disk.
+    key = f"{version('textgen')}:{name}:{revision}:{dtype}"
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -48,7 +48,7 @@ def respond_with_tools(body: OpenAIRequest) -> Response | dict[str, Any]:
         "id": new_id("chatcmpl"),
         "created": int(time.time()),
         "model": engine.name,
-        "system_fingerprint": system_fingerprint(engine.runner.loaded.info()),
+        "system_fingerprint": system_fingerprint(engine),
     }
     if body.stream:
         return sse_response(chunks(base, answer, body.include_usage))
@@ -101,6 +101,12 @@ def call_object(call: ToolCall) -> dict[str, Any]:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
 
 
+def argument_pieces(arguments: str) -> list[str]:
+    """A call's arguments cut into ARGUMENT_PIECES pieces, as a stream sends them."""
+    size = max(1, -(-len(arguments) // ARGUMENT_PIECES))
+    return [arguments[start : start + size] for start in range(0, len(arguments), size)]
+
+
 def reason(answer: Answer) -> str:
     return "tool_calls" if answer.call is not None else answer.finished.finish_reason.openai
 
@@ -119,11 +125,8 @@ def chunks(base: dict[str, Any], answer: Answer, include_usage: bool) -> Iterato
         call = call_object(answer.call)
         opening = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
         yield chunk({"tool_calls": [{"index": 0, **opening}]})
-        arguments = call["function"]["arguments"]
-        size = max(1, -(-len(arguments) // ARGUMENT_PIECES))
-        for start in range(0, len(arguments), size):
-            piece = {"index": 0, "function": {"arguments": arguments[start : start + size]}}
-            yield chunk({"tool_calls": [piece]})
+        for part in argument_pieces(call["function"]["arguments"]):
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
     elif answer.finished.text:
         yield chunk({"content": answer.finished.text})
     yield chunk({}, reason(answer))
