@@ -30,6 +30,11 @@ def get_health() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
 
     200 once they are; 503 with the current step (or why loading failed) before that.
     """
+    return readiness()
+
+
+def readiness() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
+    """The loading state: ok, or a 503 with the step or failure."""
     status = current_registry().status()
     if status["status"] == "ready":
         return {"status": "ok", **{k: v for k, v in status.items() if k != "status"}}
@@ -49,7 +54,7 @@ def get_liveness() -> dict[str, Any]:
 def get_readiness() -> tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]:
     """Whether this worker should get traffic: 200 once every model is loaded and warmed up,
     503 with the current step (loading, warming up) or the failure before that."""
-    return get_health()
+    return readiness()
 
 
 @bp.get("/models")
