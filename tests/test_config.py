@@ -75,3 +75,12 @@ def test_defaults_come_from_the_declaration() -> None:
     assert settings.max_queue == 64
     assert settings.read_timeout == 30.0
     assert settings.bind == "127.0.0.1:8000"
+
+
+def test_info_masks_a_database_password() -> None:
+    settings = load_settings({"DATABASE_URL": "postgresql://textgen:s3cret@db:5432/textgen"})
+    shown = settings.public()["database_url"]
+    assert "s3cret" not in shown
+    assert shown == "postgresql://textgen:***@db:5432/textgen"
+    plain = load_settings({"DATABASE_URL": "sqlite:////srv/textgen.db"})
+    assert plain.public()["database_url"] == "sqlite:////srv/textgen.db"

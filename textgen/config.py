@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,23 @@ class CommaList(f.Field):
         return tuple(item.strip() for item in items if item.strip())
 
 
-def setting(field: f.Field, doc: str, shown: str | None = None) -> Any:
+def setting(
+    field: f.Field,
+    doc: str,
+    shown: str | None = None,
+    public: Callable[[Any], Any] | None = None,
+) -> Any:
     """Declare a setting: its type, range and default (a marshmallow field), its one-line
-    documentation, and how the default reads in the README when it is computed."""
-    return dataclasses.field(metadata={"field": field, "doc": doc, "shown": shown})
+    documentation, how the default reads in the README when it is computed, and, for one that
+    can hold a secret, what of it /info may show."""
+    return dataclasses.field(
+        metadata={"field": field, "doc": doc, "shown": shown, "public": public}
+    )
+
+
+def without_password(url: str) -> str:
+    """A database URL with its password masked (postgresql://user:***@host/db)."""
+    return re.sub(r"^([^:/]+://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def integer(default: Any, low: int | None = 1, high: int | None = None) -> f.Integer:
@@ -102,6 +116,7 @@ class Settings:
         f.String(load_default=default_database_url, validate=validate.Length(min=1)),
         "where API keys are kept: any SQLAlchemy URL",
         "`sqlite:///~/.local/share/textgen/textgen.db`",
+        public=without_password,
     )
     cors_origins: tuple[str, ...] = setting(
         CommaList(load_default=()),
@@ -191,11 +206,13 @@ class Settings:
     )
 
     def public(self) -> dict[str, Any]:
-        """The settings as JSON-ready values (there are no secrets among them yet)."""
+        """The settings as JSON-ready values, secrets masked by their declarations."""
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "models":
+            if field.metadata["public"] is not None:
+                value = field.metadata["public"](value)
+            elif field.name == "models":
                 value = [spec.describe() for spec in value]
             elif isinstance(value, Path):
                 value = str(value)
