@@ -94,35 +94,26 @@ def tools_client(tools_url: str) -> Iterator[openai.OpenAI]:  # noqa: F811
 
 
 def test_a_required_function_call(tools_client: openai.OpenAI) -> None:
-    client = tools_client
     tool = {"type": "function", **WEATHER.openai()["function"]}
-    for stream in (False, True):
-        if stream:
-            items = [
-                e.item
-                for e in client.responses.create(
-                    model="tiny-llama",
-                    input="Weather in Paris?",
-                    tools=[tool],  # type: ignore[list-item]
-                    tool_choice="required",
-                    max_output_tokens=120,
-                    temperature=0,
-                    stream=True,
-                )
-                if e.type == "response.output_item.done"
-            ]
-        else:
-            items = client.responses.create(
-                model="tiny-llama",
-                input="Weather in Paris?",
-                tools=[tool],  # type: ignore[list-item]
-                tool_choice="required",
-                max_output_tokens=120,
-                temperature=0,
-            ).output
+    args: dict[str, Any] = {
+        "model": "tiny-llama",
+        "input": "Weather in Paris?",
+        "tools": [tool],
+        "tool_choice": "required",
+        "max_output_tokens": 120,
+        "temperature": 0,
+    }
+    whole = tools_client.responses.create(**args).output
+    streamed = [
+        event.item
+        for event in tools_client.responses.create(**args, stream=True)
+        if event.type == "response.output_item.done"
+    ]
+    for items in (whole, streamed):
         call = items[0]
         assert call.type == "function_call" and call.name == "get_weather"
         jsonschema.validate(json.loads(call.arguments), WEATHER.parameters)
+    assert whole[0].arguments == streamed[0].arguments
 
 
 def test_stateless(client: openai.OpenAI) -> None:
