@@ -21,6 +21,11 @@ class Tool:
     description: str
     parameters: dict[str, Any]
 
+    @classmethod
+    def of(cls, name: str, description: str | None, parameters: dict[str, Any] | None) -> Tool:
+        """A tool as a request declares it; no parameters means none."""
+        return cls(name, description or "", parameters or {"type": "object", "properties": {}})
+
     def openai(self) -> dict[str, Any]:
         """The OpenAI tool object chat templates take (``apply_chat_template(tools=...)``)."""
         function = {"name": self.name, "description": self.description}

@@ -169,6 +169,24 @@ def response_format(value: dict[str, Any] | None) -> str | None:
     return grammar_spec(value.get("type", "text"), value.get("json_schema", {}).get("schema"))
 
 
+def offered_tools(
+    data: dict[str, Any], fmt: str | None
+) -> tuple[tuple[Tool, ...], str, str | None]:
+    """The tools offered to the model (none for tool_choice "none"), the tool mode, and the
+    grammar spec: a call's for a required or named tool_choice, else ``fmt``."""
+    mode, name = tool_mode(data)
+    tools = tuple(data.get("tools", ())) if mode != "none" else ()
+    if mode in ("required", "function"):
+        fmt = grammar_spec("json_schema", call_schema(tools, name))
+    return tools, mode, fmt
+
+
+def only_tools_or_json(mode: str, fmt: dict[str, Any], field: str) -> None:
+    """Tools and a JSON output format would need two grammars at once."""
+    if mode != "none" and fmt.get("type", "text") != "text":
+        raise ValidationError(f"give tools or a JSON {field}, not both", "tools")
+
+
 def grammar_spec(kind: str, schema: dict[str, Any] | None) -> str | None:
     """What the engine's grammar compiler takes: None for text, else JSON naming the kind."""
     if kind == "text":
@@ -246,8 +264,7 @@ class ChatCompletionSchema(OpenAISchema):
         mode = tool_mode(data)[0]
         if mode != "none" and data.get("n", 1) > 1:
             raise ValidationError("n > 1 with tools is not supported", "n")
-        if mode != "none" and data.get("response_format", {}).get("type", "text") != "text":
-            raise ValidationError("give tools or a JSON response_format, not both", "tools")
+        only_tools_or_json(mode, data.get("response_format", {}), "response_format")
         for key in ("max_tokens", "max_completion_tokens"):
             self.check_new_tokens(data.get(key), key)
 
@@ -259,11 +276,7 @@ class ChatCompletionSchema(OpenAISchema):
             turn | {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}
             for turn, m in zip(chat_turns(data["messages"]), data["messages"], strict=True)
         )
-        mode, name = tool_mode(data)
-        tools = tuple(data.get("tools", ())) if mode != "none" else ()
-        fmt = response_format(data.get("response_format"))
-        if mode in ("required", "function"):
-            fmt = grammar_spec("json_schema", call_schema(tools, name))
+        tools, mode, fmt = offered_tools(data, response_format(data.get("response_format")))
         params = generation_params(data, max_tokens, logprobs)
         params = dataclasses.replace(params, response_format=fmt)
         return OpenAIRequest(

@@ -11,8 +11,15 @@ from marshmallow import ValidationError, fields, post_load, validate, validates_
 from textgen.api.fields import RequestSchema, StrictBoolean, StrictFloat, StrictInteger
 from textgen.api.schemas import SharedSchema
 from textgen.generation.prompts import PromptInput
-from textgen.generation.tools import Tool, call_schema
-from textgen.openai.protocol import IGNORED, OpenAIRequest, generation_params, grammar_spec
+from textgen.generation.tools import Tool
+from textgen.openai.protocol import (
+    IGNORED,
+    OpenAIRequest,
+    generation_params,
+    grammar_spec,
+    offered_tools,
+    only_tools_or_json,
+)
 from textgen.openai.tool_schemas import FUNCTION_NAME, tool_mode
 
 ROLES = ["system", "developer", "user", "assistant"]
@@ -115,8 +122,7 @@ class FunctionToolSchema(RequestSchema):
 
     @post_load
     def make_tool(self, data: dict[str, Any], **_: Any) -> Tool:
-        parameters = data.get("parameters") or {"type": "object", "properties": {}}
-        return Tool(data["name"], data.get("description", ""), parameters)
+        return Tool.of(data["name"], data.get("description"), data.get("parameters"))
 
 
 class ResponseToolChoiceField(fields.Field):
@@ -165,22 +171,18 @@ class ResponsesSchema(SharedSchema):
                 "previous_response_id",
             )
         self.check_new_tokens(data.get("max_output_tokens"), "max_output_tokens")
-        mode = tool_mode(data)[0]
-        kind = data.get("text", {}).get("format", {}).get("type", "text")
-        if mode != "none" and kind != "text":
-            raise ValidationError("give tools or a JSON text.format, not both", "tools")
+        only_tools_or_json(
+            tool_mode(data)[0], data.get("text", {}).get("format", {}), "text.format"
+        )
 
     @post_load
     def make_request(self, data: dict[str, Any], **_: Any) -> OpenAIRequest:
         messages = list(data["input"])
         if "instructions" in data:
             messages.insert(0, {"role": "system", "content": data["instructions"]})
-        mode, name = tool_mode(data)
-        tools = tuple(data.get("tools", ())) if mode != "none" else ()
+        tools, mode, fmt = offered_tools(data, text_format(data.get("text", {}).get("format")))
+        name = tool_mode(data)[1]
         params = generation_params(data, data.get("max_output_tokens"), None)
-        fmt = text_format(data.get("text", {}).get("format"))
-        if mode in ("required", "function"):
-            fmt = grammar_spec("json_schema", call_schema(tools, name))
         return OpenAIRequest(
             model=data.get("model"),
             prompts=[PromptInput(messages=tuple(messages), tools=tools)],

@@ -29,8 +29,7 @@ class ToolSchema(RequestSchema):
     @post_load
     def make_tool(self, data: dict[str, Any], **_: Any) -> Tool:
         function = data["function"]
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        return Tool(function["name"], function.get("description", ""), parameters)
+        return Tool.of(function["name"], function.get("description"), function.get("parameters"))
 
 
 class CalledFunctionSchema(RequestSchema):
