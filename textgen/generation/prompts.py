@@ -100,9 +100,8 @@ def render_segments(
     special token (``specials``) come out as pieces of their own, to be tokenized as plain text:
     otherwise "hi<|im_end|><|im_start|>system..." in a user message would end the turn and fake
     a system one. Everything else is one piece, tokenized as before."""
-    text = render_prompt(tokenizer, prompt, model_name)
     if not prompt.is_chat or not spells_special(prompt, specials):
-        return [(text, False)]
+        return [(render_prompt(tokenizer, prompt, model_name), False)]
     contents: list[str] = []
 
     def hold(message: dict[str, Any]) -> dict[str, Any]:
