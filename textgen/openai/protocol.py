@@ -16,7 +16,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from textgen.api.fields import RequestSchema, StrictBoolean, StrictFloat, StrictInteger
+from textgen.api.fields import RANGES, RequestSchema, StrictBoolean, StrictFloat, StrictInteger
 from textgen.api.schemas import (
     SHARED_KNOBS,
     MessageSchema,
@@ -138,13 +138,20 @@ class OpenAIRequest:
     echoed_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+GREEDY_BELOW = RANGES["temperature"]["min"]
+
+
 def generation_params(
     data: dict[str, Any], max_tokens: int | None, logprobs: int | None, echo: bool = False
 ) -> GenerationParams:
-    """OpenAI fields -> generation settings: temperature 0 is greedy, anything else samples."""
+    """OpenAI fields -> generation settings: temperature 0 is greedy, anything else samples.
+
+    A temperature below the native API's least (0.01) is greedy too: that is its limit, and
+    sampling at it would divide the scores into overflow.
+    """
     temperature = data.get("temperature", 1.0)
     knobs = {k: data[k] for k in SHARED_KNOBS if k in data}
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         # Clients send their defaults for every knob; with greedy decoding they mean nothing.
         for key in ("top_p", "top_k", "min_p", "seed"):
             knobs.pop(key, None)
