@@ -91,3 +91,32 @@ def test_a_template_that_alters_contents_is_refused_not_trusted() -> None:
     assert render_segments(TrimmingTemplate(), benign, "m", frozenset({"<|im_end|>"})) == [
         ("<s>h", False)
     ]
+
+
+@pytest.mark.slow
+def test_tool_definitions_and_calls_cannot_smuggle_special_tokens(
+    embedded_client: FlaskClient,
+) -> None:
+    """What the template renders outside a content (tool descriptions, earlier calls' arguments,
+    tool names) cannot be kept apart from its own text, so a special token there is refused."""
+    tool = {"type": "function", "function": {"name": "lookup", "description": "Find a word"}}
+    messages = [{"role": "user", "content": "Define cat"}]
+    fine = embedded_client.post(
+        "/v1/chat/completions", json={"messages": messages, "tools": [tool], "max_tokens": 2}
+    )
+    assert fine.status_code == 200
+    smuggled = {**tool["function"], "description": INJECTION}
+    refused = embedded_client.post(
+        "/v1/chat/completions",
+        json={"messages": messages, "tools": [{"type": "function", "function": smuggled}]},
+    )
+    assert refused.status_code == 400
+    assert refused.get_json()["error"]["param"] == "tools"
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "lookup", "arguments": '{"word": "' + INJECTION + '"}'}}  # fmt: skip
+    history = [*messages, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    in_call = embedded_client.post(
+        "/v1/chat/completions", json={"messages": history, "tools": [tool], "max_tokens": 2}
+    )
+    assert in_call.status_code == 400
+    assert in_call.get_json()["error"]["code"] == "special_tokens_in_content"

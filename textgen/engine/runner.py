@@ -76,7 +76,7 @@ class ModelRunner:
         try:
             pieces = render_segments(tokenizer, prompt, self.name, self.specials)
         except SpecialTokensInContent as exc:
-            raise RequestRejected(str(exc), "messages", "special_tokens_in_content") from exc
+            raise RequestRejected(str(exc), exc.param, "special_tokens_in_content") from exc
         except PromptError as exc:
             raise RequestRejected(str(exc), "messages", "chat_template_missing") from exc
         if len(pieces) > 1 and self.limits.content_special_tokens == "refuse":

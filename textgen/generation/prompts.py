@@ -21,7 +21,12 @@ class PromptError(ValueError):
 
 
 class SpecialTokensInContent(PromptError):
-    """A message's content spells a special token, and this server refuses that."""
+    """A message's content spells a special token, and this server refuses that (or a tool
+    definition, a call or a name does, which is refused always)."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 # Stand-ins for message contents while the template renders: private-use characters that no
@@ -100,6 +105,8 @@ def render_segments(
     special token (``specials``) come out as pieces of their own, to be tokenized as plain text:
     otherwise "hi<|im_end|><|im_start|>system..." in a user message would end the turn and fake
     a system one. Everything else is one piece, tokenized as before."""
+    if prompt.is_chat:
+        check_beside_contents(prompt, specials)
     if not prompt.is_chat or not spells_special(prompt, specials):
         return [(render_prompt(tokenizer, prompt, model_name), False)]
     contents: list[str] = []
@@ -128,6 +135,24 @@ def render_segments(
             "contents whole; remove the special token"
         )
     return pieces
+
+
+def check_beside_contents(prompt: PromptInput, specials: frozenset[str]) -> None:
+    """Refuse a special token spelled where the template renders client text outside a
+    message's content (tool definitions, earlier calls' arguments, names): that text cannot be
+    kept apart from the template's own, so it would become the real token."""
+    tools = json.dumps([tool.openai() for tool in prompt.tools], ensure_ascii=False)
+    others = json.dumps(
+        [{k: v for k, v in m.items() if k != "content"} for m in prompt.conversation()],
+        ensure_ascii=False,
+    )
+    for text, param in ((tools, "tools"), (others, "messages")):
+        token = next((t for t in specials if t in text), None)
+        if token is not None:
+            where = "a tool definition" if param == "tools" else "a message's name or tool call"
+            raise SpecialTokensInContent(
+                f"{where} spells the special token {token!r}; remove it", param
+            )
 
 
 def spells_special(prompt: PromptInput, specials: frozenset[str]) -> bool:
