@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev run test lint pytest bench clean
+.PHONY: setup setup-dev system run test lint pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.dev: $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
+## The Debian packages the tests use for real (chromium, redis-server, postgresql, g++).
+system:
+	deploy/system.sh
+
 ## Serve the configured models (default: the embedded SmolLM2) with gunicorn on TEXTGEN_BIND.
 run: setup
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
@@ -32,7 +36,7 @@ lint: setup-dev
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-pytest: setup-dev
+pytest: setup-dev system
 	$(BIN)/python -m pytest
 
 bench: setup-dev

@@ -94,7 +94,7 @@ def follow(
             quiet_since = now
             yield item
     finally:
-        submission.cancel()  # a no-op for finished work
+        submission.close()  # cancels unfinished work, charges what was generated
 
 
 def wait_for(submission: Submission, sock: socket.socket | None) -> bool:
@@ -146,4 +146,4 @@ def stream_events(
             yield sse(last)
         yield DONE
     finally:
-        submission.cancel()
+        submission.close()

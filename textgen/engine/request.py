@@ -64,8 +64,7 @@ class RequestHandle:
     @property
     def tokens_budget(self) -> int:
         """Tokens its rows may generate in all (each beam is a row)."""
-        assert self.job.params.max_new_tokens is not None
-        return self.rows * self.job.params.max_new_tokens
+        return self.job.tokens_budget
 
     def cancel(self) -> None:
         """The client left: the engine drops this request at its next step."""

@@ -40,6 +40,19 @@ class Job:
     params: GenerationParams
     grammar: Any = None  # the compiled response format, when there is one
 
+    @property
+    def rows(self) -> int:
+        """Sequences it decodes: each beam is one, each of n samples is one."""
+        params = self.params
+        per_prompt = params.num_beams if params.num_beams > 1 else params.num_return_sequences
+        return len(self.encoded) * per_prompt
+
+    @property
+    def tokens_budget(self) -> int:
+        """Tokens its rows may generate in all."""
+        assert self.params.max_new_tokens is not None
+        return self.rows * self.params.max_new_tokens
+
 
 class ModelRunner:
     """Checks requests against one model."""

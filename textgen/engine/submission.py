@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from textgen.engine.events import Event, Failed, Finished
 from textgen.engine.request import RequestHandle
@@ -19,13 +19,29 @@ from textgen.generation.strategies import GenerationParams
 DEADLINE_GRACE_S = 30.0
 
 
+class Budget(Protocol):
+    """What a request may generate, as the HTTP layer meters it (a per-key token limit)."""
+
+    def admit(self, tokens: int) -> None:
+        """Refuse (raise) a request that may generate this many tokens, before it runs."""
+
+    def charge(self, tokens: int) -> None:
+        """Count the tokens a request generated, once it has ended."""
+
+
 class Submission:
     """Jobs submitted together (one per model), read through a single event queue."""
 
     def __init__(
-        self, handles: list[RequestHandle], events: queue.Queue[Any], deadline: float
+        self,
+        handles: list[RequestHandle],
+        events: queue.Queue[Any],
+        deadline: float,
+        budget: Budget | None = None,
     ) -> None:
         self.handles = handles
+        self.budget = budget
+        self._closed = False
         self._events = events
         self.deadline = deadline
         self.finished: dict[tuple[str, int, int], Finished] = {}
@@ -41,16 +57,20 @@ class Submission:
         params: GenerationParams,
         deadline_s: float,
         until_context: bool = False,
+        budget: Budget | None = None,
     ) -> Submission:
         """Run a request on every engine's model, all or nothing.
 
         The request is checked against every model before any generates (a prompt too long
         for one model fails the whole request at once), and if one engine is full, the jobs
-        already queued on the others are withdrawn.
+        already queued on the others are withdrawn. A ``budget`` may refuse it once its token
+        counts are known, before any job is queued; ``close`` charges it.
         """
         for engine in engines:
             engine.check_room()  # before the tokenizer runs
         jobs = [(e, e.runner.prepare(prompts, params, until_context)) for e in engines]
+        if budget is not None:
+            budget.admit(sum(job.tokens_budget for _, job in jobs))
         events: queue.Queue[Any] = queue.Queue()
         deadline = time.perf_counter() + deadline_s
         handles: list[RequestHandle] = []
@@ -61,12 +81,22 @@ class Submission:
             for handle in handles:
                 handle.cancel()
             raise
-        return cls(handles, events, deadline)
+        return cls(handles, events, deadline, budget)
 
     def cancel(self) -> None:
         """Withdraw every job (no-op for finished ones)."""
         for handle in self.handles:
             handle.cancel()
+
+    def close(self) -> None:
+        """The handler is done with it: withdraw what still runs, and charge the budget with
+        the tokens generated (once, however often it is called)."""
+        self.cancel()
+        if self._closed:
+            return
+        self._closed = True
+        if self.budget is not None:
+            self.budget.charge(sum(handle.generated for handle in self.handles))
 
     @property
     def done(self) -> bool:

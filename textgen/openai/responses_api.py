@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Response, request
 
-from textgen.api import current_engine, current_registry
+from textgen.api import current_engine, current_registry, submit
 from textgen.api.docs import GENERATES, Blueprint
 from textgen.api.streaming import follow, sse_response
 from textgen.engine.events import Delta, Failed, Finished
@@ -61,9 +61,7 @@ def create_response(body: OpenAIRequest) -> Response | dict[str, Any]:
         **body.echoed_settings,
     }
     if body.stream and not body.tools:
-        submission = Submission.start(
-            [engine], body.prompts, body.params, body.timeout, body.until_context
-        )
+        submission = submit([engine], body.prompts, body.params, body.timeout, body.until_context)
         ping_s = registry.settings.stream_ping_s
         return sse_response(stream_text(head, submission, sock, ping_s))
     answer = answer_of(engine, body, sock)
@@ -174,7 +172,7 @@ def stream_text(
         whole = {**head, **finished_text(result.outputs[0], result.usage, item_id)}
         yield from closing(event, whole)
     finally:
-        submission.cancel()
+        submission.close()
 
 
 def replay(head: dict[str, Any], whole: dict[str, Any]) -> Iterator[str]:
