@@ -106,7 +106,7 @@ def on_starting(server):
     )
     if _settings.auth != "none":
         # Once, here: workers starting together would race to create the tables.
-        from textgen.auth.store import migrate
+        from textgen.auth.db import migrate
 
         migrate(_settings.database_url)
     cache = ModelCache(_settings.model_cache)

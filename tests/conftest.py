@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,8 @@ from werkzeug.serving import make_server
 
 from tests.tiny_models import save_tiny_gpt2, save_tiny_llama
 from textgen import create_app
+
+pytest_plugins = ["tests.leaks"]
 
 REPO = Path(__file__).resolve().parent.parent
 # The embedded model's conversion is kept between test runs (and CI converts it once).
@@ -117,12 +118,6 @@ def live(app: Flask) -> Iterator[str]:
 
 
 # --- gunicorn, for real -------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def gunicorn(env: dict[str, str], *args: str, log: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     """gunicorn with gunicorn.conf.py and wsgi.py; only ``env``'s TEXTGEN_/GUNICORN_ settings.
     Its output goes to ``log`` (a file, for a server that logs more than a pipe holds)."""

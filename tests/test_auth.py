@@ -79,8 +79,10 @@ def test_open_routes_and_closed_ones(secured: tuple[str, Path]) -> None:
     url, _ = secured
     for path in ("/health", "/livez", "/readyz", "/openapi.json", "/docs", "/redoc"):
         assert requests.get(f"{url}{path}", timeout=30).status_code == 200, path
-    for path in ("/models", "/strategies", "/info", "/v1/models", "/tokenizer_info"):
+    for path in ("/models", "/strategies", "/v1/models", "/tokenizer_info"):
         assert requests.get(f"{url}{path}", timeout=30).status_code == 401, path
+    # /info answers the anonymous with its version only: no paths, settings or process.
+    assert requests.get(f"{url}/info", timeout=30).json() == {"version": "0.1.0"}
 
 
 def test_a_key_limited_to_one_model(secured: tuple[str, Path], keys: dict[str, str]) -> None:

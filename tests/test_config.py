@@ -47,6 +47,10 @@ def test_unknown_variable_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"DEFAULT_MAX_NEW_TOKENS": 100, "MAX_NEW_TOKENS": 10}, "TEXTGEN_DEFAULT_MAX_NEW_TOKENS"),
         ({"TORCH_THREADS": "many"}, "TEXTGEN_TORCH_THREADS"),
         ({"PREFIX_CACHE_TOKENS": -1}, "TEXTGEN_PREFIX_CACHE_TOKENS"),
+        # Users' tokens need a signing secret, long enough not to be guessed offline.
+        ({"AUTH": "jwt"}, "TEXTGEN_JWT_SECRET: must be at least 32 bytes"),
+        ({"AUTH": "jwt", "JWT_SECRET": "short-secret"}, "TEXTGEN_JWT_SECRET"),
+        ({"RATE_LIMIT_STORAGE": "mysql://db"}, "TEXTGEN_RATE_LIMIT_STORAGE"),
     ],
 )
 def test_bad_settings_name_the_variable(values: dict, fragment: str) -> None:
@@ -84,3 +88,9 @@ def test_info_masks_a_database_password() -> None:
     assert shown == "postgresql://textgen:***@db:5432/textgen"
     plain = load_settings({"DATABASE_URL": "sqlite:////srv/textgen.db"})
     assert plain.public()["database_url"] == "sqlite:////srv/textgen.db"
+
+
+def test_a_short_secret_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"AUTH": "jwt", "JWT_SECRET": "hunter2-hunter2"})
+    assert "hunter2" not in str(caught.value)

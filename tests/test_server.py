@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import EMBEDDED_CACHE, free_port, gunicorn, wait_healthy
+from tests.conftest import EMBEDDED_CACHE, gunicorn, wait_healthy
+from tests.services import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import free_port, gunicorn, wait_healthy
+from tests.conftest import gunicorn, wait_healthy
+from tests.services import free_port
 from tests.tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.slow

@@ -93,7 +93,7 @@ def keys() -> None:
 
 
 def key_store() -> Any:
-    from textgen.auth.store import KeyStore
+    from textgen.auth.keystore import KeyStore
 
     try:
         return KeyStore(settings_from_env().database_url)
@@ -108,7 +108,7 @@ def key_store() -> Any:
 @click.option("--tpm", type=click.IntRange(min=1), help="Generated tokens per minute.")
 def create_key(name: str, models: str | None, rpm: int | None, tpm: int | None) -> None:
     """Make a key and print it (once: only its hash is kept)."""
-    from textgen.auth.store import KeyNameError
+    from textgen.auth.keystore import KeyNameError
 
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:
@@ -137,10 +137,88 @@ def list_keys(as_json: bool) -> None:
 @click.argument("name")
 def revoke_key(name: str) -> None:
     """Revoke a key at once (on every worker: each request checks the database)."""
-    from textgen.auth.store import KeyNameError
+    from textgen.auth.keystore import KeyNameError
 
     try:
         key_store().revoke(name)
     except KeyNameError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"key {name!r} revoked")
+
+
+@main.group()
+def users() -> None:
+    """User accounts (TEXTGEN_AUTH=jwt): create, list, disable."""
+
+
+def user_store() -> Any:
+    from textgen.auth.users import UserStore
+
+    try:
+        return UserStore(settings_from_env().database_url)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@users.command(name="create")
+@click.argument("username")
+@click.option("--admin", is_flag=True, help="An administrator.")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from stdin (else it is prompted)."
+)
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
+@click.option("--tpm", type=click.IntRange(min=1), help="Generated tokens per minute.")
+def create_user(
+    username: str, admin: bool, password_stdin: bool, rpm: int | None, tpm: int | None
+) -> None:
+    """Make a user (the first one with --admin); there are no default accounts."""
+    from textgen.auth.passwords import WeakPassword
+    from textgen.auth.users import UserError
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        user_store().create(username, password, admin=admin, rpm=rpm, tpm=tpm)
+    except (WeakPassword, UserError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"user {username!r} created{' (admin)' if admin else ''}")
+
+
+@users.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_users(as_json: bool) -> None:
+    """Every user's name, role, limits and times (never a password or its hash)."""
+    rows = [
+        {
+            "username": a.username,
+            "admin": a.admin,
+            "rpm": a.rpm,
+            "tpm": a.tpm,
+            "created_at": a.created_at.isoformat(),
+            "last_login_at": a.last_login_at.isoformat() if a.last_login_at else None,
+            "disabled": a.disabled,
+        }
+        for a in user_store().list()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        role = "admin" if row["admin"] else "user"
+        state = "disabled" if row["disabled"] else f"last login {row['last_login_at'] or 'never'}"
+        click.echo(f"{row['username']}\t{role}\trpm={row['rpm']}\ttpm={row['tpm']}\t{state}")
+
+
+@users.command(name="disable")
+@click.argument("username")
+def disable_user(username: str) -> None:
+    """Stop a user logging in; its access tokens stop working at once."""
+    from textgen.auth.users import UserError
+
+    try:
+        user_store().disable(username)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"user {username!r} disabled")

@@ -73,6 +73,11 @@ def without_password(url: str) -> str:
     return re.sub(r"^([^:/]+://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
+def masked(value: str) -> str | None:
+    """A secret as /info shows it: whether it is set."""
+    return "***" if value else None
+
+
 def integer(default: Any, low: int | None = 1, high: int | None = None) -> f.Integer:
     return f.Integer(load_default=default, validate=validate.Range(min=low, max=high))
 
@@ -108,13 +113,49 @@ class Settings:
         "cores / workers",
     )
     auth: str = setting(
-        f.String(load_default="none", validate=validate.OneOf(["none", "api_key"])),
-        "`none` (local use; a warning when bound beyond loopback) or `api_key` (every route but "
-        "health and docs needs `Authorization: Bearer` and a key from `textgen keys create`)",
+        f.String(load_default="none", validate=validate.OneOf(["none", "api_key", "jwt"])),
+        "`none` (local use; a warning when bound beyond loopback), `api_key` (every route but "
+        "health and docs needs `Authorization: Bearer` and a key from `textgen keys create`) or "
+        "`jwt` (users log in at `/token`; keys work too)",
+    )
+    jwt_secret: str = setting(
+        f.String(load_default=""),
+        "the key that signs access tokens (HS256), at least 32 bytes; needed with "
+        "`TEXTGEN_AUTH=jwt`",
+        "(none)",
+        public=masked,
+    )
+    jwt_ttl: int = setting(integer(3600, 60, 30 * 86400), "seconds an access token is valid")
+    registration: bool = setting(
+        f.Boolean(load_default=False), "anyone may make an account at `POST /register`"
+    )
+    public_docs: bool = setting(
+        f.Boolean(load_default=True),
+        "`/docs`, `/redoc` and `/openapi.json` are open without auth",
+    )
+    rate_limit_rpm: int = setting(
+        integer(0, 0),
+        "requests per minute of a key or user without its own limit, and of each client "
+        "address when auth is off (0: none)",
+    )
+    rate_limit_tpm: int = setting(
+        integer(0, 0),
+        "generated tokens per minute, likewise; a request that could exceed what is left is "
+        "refused before it runs (0: none)",
+    )
+    login_rpm: int = setting(integer(10), "`POST /token` attempts per minute and client address")
+    rate_limit_storage: str = setting(
+        f.String(
+            load_default="memory://",
+            validate=validate.Regexp(r"^(memory://|redis(\+sentinel|\+cluster)?s?://\S*)$"),
+        ),
+        "where rate-limit counters live: `memory://` (each worker its own) or a Redis URL "
+        "shared by every worker and instance",
+        public=without_password,
     )
     database_url: str = setting(
         f.String(load_default=default_database_url, validate=validate.Length(min=1)),
-        "where API keys are kept: any SQLAlchemy URL",
+        "where API keys and users are kept: any SQLAlchemy URL",
         "`sqlite:///~/.local/share/textgen/textgen.db`",
         public=without_password,
     )
@@ -237,6 +278,12 @@ def make_settings(data: dict[str, Any]) -> Settings:
     if data["DEFAULT_MAX_NEW_TOKENS"] > data["MAX_NEW_TOKENS"]:
         raise ValidationError(
             "must not exceed TEXTGEN_MAX_NEW_TOKENS", field_name="DEFAULT_MAX_NEW_TOKENS"
+        )
+    if data["AUTH"] == "jwt" and len(data["JWT_SECRET"].encode()) < 32:
+        raise ValidationError(
+            "must be at least 32 bytes with TEXTGEN_AUTH=jwt (make one with: python -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')",
+            field_name="JWT_SECRET",
         )
     values = {key.lower(): value for key, value in data.items()}
     values["models"] = tuple(models)

@@ -8,6 +8,9 @@ from flask import current_app
 
 if TYPE_CHECKING:  # the schemas in this package are read without the model stack
     from textgen.engine.scheduler import Engine
+    from textgen.engine.submission import Submission
+    from textgen.generation.prompts import PromptInput
+    from textgen.generation.strategies import GenerationParams
     from textgen.service.registry import ModelRegistry
 
 
@@ -24,3 +27,18 @@ def current_engine(name: str | None) -> Engine:
     registry = current_registry()
     check_model(name or registry.default_name)
     return registry.engine(name)
+
+
+def submit(
+    engines: list[Engine],
+    prompts: list[PromptInput],
+    params: GenerationParams,
+    timeout: float,
+    until_context: bool = False,
+) -> Submission:
+    """Start a request on the engines, metered by its client's token budget (a 429 before
+    anything runs when the tokens it may generate are more than its minute has left)."""
+    from textgen.api.limits import current_budget
+    from textgen.engine.submission import Submission
+
+    return Submission.start(engines, prompts, params, timeout, until_context, current_budget())

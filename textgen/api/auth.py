@@ -1,5 +1,6 @@
-"""The guard: with TEXTGEN_AUTH=api_key, every route but health and docs needs a valid key,
-and a key limited to some models gets 403 for the others."""
+"""The guard: with TEXTGEN_AUTH=api_key or jwt, every route but health, docs and login needs a
+valid key (or, with jwt, a user's access token), and a key limited to some models gets 403 for
+the others."""
 
 from __future__ import annotations
 
@@ -9,21 +10,39 @@ import logging
 from flask import Flask, g, request
 
 from textgen.api.errors import Forbidden, Unauthorized
-from textgen.auth.store import KeyStore, Principal
+from textgen.auth.keys import PREFIX
+from textgen.auth.keystore import KeyStore
+from textgen.auth.principal import Principal
+from textgen.auth.tokens import InvalidToken, Signer
+from textgen.auth.users import UserStore
 from textgen.config import Settings
 
 log = logging.getLogger(__name__)
 
-# Open without a key: whether the server is up, and how to use it.
-OPEN_ENDPOINTS = {"info.get_health", "info.get_liveness", "info.get_readiness", "static"}
-OPEN_BLUEPRINTS = {"api-docs"}
+# Open without credentials: whether the server is up, and how to log in.
+OPEN_ENDPOINTS = {
+    "info.get_health",
+    "info.get_liveness",
+    "info.get_readiness",
+    "static",
+    "users.issue_token",
+    "users.register",
+}
+DOCS_BLUEPRINT = "api-docs"
+# Open too, but credentials sent are checked and show more (/info's paths and settings).
+OPTIONAL_ENDPOINTS = {"info.get_info"}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="textgen"'}
 
 
 def principal() -> Principal | None:
-    """Who this request comes from (None when auth is off)."""
+    """Who this request comes from (None when auth is off, or for the anonymous)."""
     found: Principal | None = g.get("principal")
     return found
+
+
+def anonymous() -> bool:
+    """Whether auth is on and this request has shown no credentials."""
+    return bool(g.get("auth_on")) and principal() is None
 
 
 def check_model(name: str) -> None:
@@ -35,40 +54,89 @@ def check_model(name: str) -> None:
         )
 
 
-def init_auth(app: Flask, settings: Settings) -> None:
-    """Check keys before every view that needs one (or warn when nothing is checked)."""
+class Guard:
+    """Tells who sent a bearer credential: an API key, or (with jwt) a user's token."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.keys = KeyStore(settings.database_url)
+        self.users: UserStore | None = None
+        self.signer: Signer | None = None
+        if settings.auth == "jwt":
+            self.users = UserStore(settings.database_url)
+            self.signer = Signer(settings.jwt_secret, settings.jwt_ttl)
+
+    def identify(self, credential: str) -> Principal:
+        if self.signer is None or self.users is None or credential.startswith(PREFIX):
+            found = self.keys.verify(credential)
+            if found is None:
+                # The same answer for a malformed, unknown or revoked key: nothing to probe.
+                raise Unauthorized(
+                    "the API key is not valid", code="invalid_api_key", headers=CHALLENGE
+                )
+            return found
+        try:
+            subject = self.signer.subject(credential)
+        except InvalidToken as exc:
+            raise Unauthorized(str(exc), code="invalid_token", headers=CHALLENGE) from None
+        user = self.users.find(subject)
+        if user is None:
+            raise Unauthorized(
+                "the access token's user is disabled or gone", code="invalid_token",
+                headers=CHALLENGE,
+            )  # fmt: skip
+        return user
+
+
+def bearer() -> str | None:
+    """The credential of an `Authorization: Bearer` header; None without a header; 401 for
+    another scheme or an empty one."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise Unauthorized(
+            "send credentials as Authorization: Bearer <key or token>",
+            code="missing_credentials",
+            headers=CHALLENGE,
+        )
+    return credential.strip()
+
+
+def init_auth(app: Flask, settings: Settings) -> Guard | None:
+    """Check credentials before every view that needs them (or warn when nothing is checked)."""
     if settings.auth == "none":
         if not loopback(settings.bind):
             log.warning(
                 "TEXTGEN_AUTH=none and TEXTGEN_BIND=%s: anyone who can reach this address can "
-                "use every model; set TEXTGEN_AUTH=api_key",
+                "use every model; set TEXTGEN_AUTH=api_key or jwt",
                 settings.bind,
             )
-        return
-    store = KeyStore(settings.database_url)
-    app.extensions["textgen.keys"] = store
+        return None
+    guard = Guard(settings)
+    app.extensions["textgen.guard"] = guard
+    open_docs = settings.public_docs
 
     @app.before_request
     def authenticate() -> None:
+        g.auth_on = True
         endpoint = request.endpoint or ""
-        if endpoint in OPEN_ENDPOINTS or endpoint.split(".")[0] in OPEN_BLUEPRINTS:
+        if endpoint in OPEN_ENDPOINTS or (open_docs and request.blueprint == DOCS_BLUEPRINT):
             return
         if request.method == "OPTIONS":
             return  # a CORS preflight carries no credentials
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        credential = bearer()
+        if credential is None:
+            if endpoint in OPTIONAL_ENDPOINTS:
+                return
             raise Unauthorized(
-                "send an API key as Authorization: Bearer <key>",
-                code="missing_api_key",
+                "send credentials as Authorization: Bearer <key or token>",
+                code="missing_credentials",
                 headers=CHALLENGE,
             )
-        found = store.verify(token.strip())
-        if found is None:
-            # The same answer for a malformed, unknown or revoked key: nothing to probe.
-            raise Unauthorized(
-                "the API key is not valid", code="invalid_api_key", headers=CHALLENGE
-            )
-        g.principal = found
+        g.principal = guard.identify(credential)
+
+    return guard
 
 
 def loopback(bind: str) -> bool:

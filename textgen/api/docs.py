@@ -18,10 +18,13 @@ from textgen.api.responses import ErrorSchema
 # What each error status means on textgen's routes (the shape is always ErrorSchema).
 ERRORS = {
     400: "invalid body or field (`param` names it), or the prompt is too long for the model",
+    401: "no credentials, or ones that are not valid (`WWW-Authenticate`)",
+    403: "the key may not use that model",
     404: "no such model",
+    409: "the name is taken",
     413: "the body is larger than TEXTGEN_MAX_BODY_BYTES",
-    415: "the body is not sent as Content-Type: application/json",
-    429: "the engine is full (`Retry-After` says when to try again)",
+    415: "the body is not sent as Content-Type: application/json (a form, for /token)",
+    429: "the engine is full, or a rate limit is reached (`Retry-After` says when to retry)",
     500: "the generation failed",
     503: "the models are still loading (`Retry-After`)",
 }
@@ -60,6 +63,16 @@ class BodyParser(FlaskParser):
         except BodyError as exc:
             raise InvalidRequest(str(exc), exc.param, code="invalid_json") from None
 
+    def load_form(self, req: Request, schema: Schema) -> Any:
+        # OAuth2's password grant is a form, and only a form.
+        if req.mimetype not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            raise UnsupportedMediaType(
+                f"the body must be a form (application/x-www-form-urlencoded), not "
+                f"{req.mimetype or 'none'!r}",
+                code="unsupported_media_type",
+            )
+        return super().load_form(req, schema)
+
     def handle_error(
         self,
         error: ValidationError,
@@ -71,8 +84,8 @@ class BodyParser(FlaskParser):
     ) -> NoReturn:
         # webargs files the messages under the location ("json"); params name body fields.
         messages = error.messages
-        if isinstance(messages, dict) and set(messages) == {"json"}:
-            messages = messages["json"]
+        if isinstance(messages, dict) and len(messages) == 1 and set(messages) <= {"json", "form"}:
+            messages = next(iter(messages.values()))
         raise ValidationError(messages)  # textgen's handler names every bad field
 
 

@@ -61,6 +61,11 @@ class Forbidden(APIError):
     type = "permission_error"
 
 
+class Conflict(APIError):
+    status = 409
+    type = "invalid_request_error"
+
+
 class UnsupportedMediaType(APIError):
     status = 415
     type = "invalid_request_error"

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Response, request
 
-from textgen.api import current_engine, current_registry
+from textgen.api import current_engine, current_registry, submit
 from textgen.api.docs import GENERATES, Blueprint
 from textgen.api.responses import GENERATION_EVENTS, GenerationSchema, usage_body
 from textgen.api.schemas import GenerateRequest, GenerateSchema
@@ -49,7 +49,7 @@ def create_generation(body: GenerateRequest) -> Response | dict[str, Any]:
     """
     registry = current_registry()
     engines = [current_engine(name) for name in body.models]
-    submission = Submission.start(engines, body.prompts, body.params, body.timeout)
+    submission = submit(engines, body.prompts, body.params, body.timeout)
     sock = request.environ.get("gunicorn.socket")
     if body.stream:
         ping_s = registry.settings.stream_ping_s

@@ -7,6 +7,7 @@ from importlib.metadata import version
 from typing import Any
 
 from textgen.api import current_registry
+from textgen.api.auth import anonymous
 from textgen.api.docs import Blueprint
 from textgen.api.responses import (
     HealthSchema,
@@ -76,7 +77,13 @@ def list_strategies() -> dict[str, Any]:
 @bp.get("/info")
 @bp.response(200, InfoSchema)
 def get_info() -> dict[str, Any]:
-    """Versions, the torch thread setup and the effective settings (no secrets)."""
+    """Versions, the torch thread setup and the effective settings (no secrets).
+
+    With auth on, a request without credentials sees only the version: paths, settings and
+    the process are for those who hold a key or a token.
+    """
+    if anonymous():
+        return {"version": version("textgen")}
     import torch
     import transformers
 

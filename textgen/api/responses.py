@@ -190,12 +190,13 @@ class TorchInfoSchema(Schema):
 
 
 class InfoSchema(Schema):
-    """This worker: versions, threads, settings, engine counters and memory."""
+    """This worker: versions, threads, settings, engine counters and memory (with auth on,
+    only the version for a request without credentials)."""
 
     version = fields.String(required=True)
-    pid = fields.Integer(required=True)
-    torch = fields.Nested(TorchInfoSchema, required=True)
-    transformers = fields.String(required=True)
-    settings = fields.Dict(required=True)
-    engines = fields.Dict(required=True, metadata={"description": "per model"})
-    memory = fields.Dict(required=True)
+    pid = fields.Integer()
+    torch = fields.Nested(TorchInfoSchema)
+    transformers = fields.String()
+    settings = fields.Dict()
+    engines = fields.Dict(metadata={"description": "per model"})
+    memory = fields.Dict()

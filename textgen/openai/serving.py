@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Response, request
 
-from textgen.api import current_engine, current_registry
+from textgen.api import current_engine, current_registry, submit
 from textgen.api.responses import usage_body
 from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished, TokenLogprob
@@ -71,9 +71,7 @@ def respond(
     """Queue a validated request on the model's engine, then answer whole or as a stream."""
     registry = current_registry()
     engine = current_engine(body.model)
-    submission = Submission.start(
-        [engine], body.prompts, body.params, body.timeout, body.until_context
-    )
+    submission = submit([engine], body.prompts, body.params, body.timeout, body.until_context)
     model = engine.name
     reply = Reply(
         registry,

@@ -12,13 +12,12 @@ from typing import Any
 
 from flask import Response, request
 
-from textgen.api import current_engine
+from textgen.api import current_engine, submit
 from textgen.api.responses import usage_body
 from textgen.api.streaming import DONE, sse, sse_response, wait_for
 from textgen.engine.events import Finished
 from textgen.engine.results import ModelResult, Usage
 from textgen.engine.scheduler import Engine
-from textgen.engine.submission import Submission
 from textgen.generation.tools import ToolCall, call_schema, parse_call, starts_call
 from textgen.openai.protocol import OpenAIRequest, grammar_spec
 from textgen.openai.serving import new_id, system_fingerprint
@@ -86,9 +85,7 @@ def answer_of(engine: Engine, body: OpenAIRequest, sock: socket.socket | None) -
 
 
 def generate(engine: Engine, body: OpenAIRequest, sock: socket.socket | None) -> ModelResult | None:
-    submission = Submission.start(
-        [engine], body.prompts, body.params, body.timeout, body.until_context
-    )
+    submission = submit([engine], body.prompts, body.params, body.timeout, body.until_context)
     if not wait_for(submission, sock):
         return None
     return submission.result().models[0]

@@ -1,9 +1,9 @@
-"""Alembic's environment for textgen's database (run by textgen.auth.store.migrate)."""
+"""Alembic's environment for textgen's database (run by textgen.auth.db.migrate)."""
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from textgen.auth.store import Base
+from textgen.auth.db import Base
 
 config = context.config
 
