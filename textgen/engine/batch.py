@@ -18,9 +18,9 @@ from textgen.engine.draft import NgramDraft
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.kvcache import BatchCache, merge_masks
 from textgen.engine.logprobs import token_logprob
-from textgen.engine.metrics import EngineMetrics
 from textgen.engine.prefill import Prefill
 from textgen.engine.prefix import PrefixCache
+from textgen.engine.recorder import Recorder
 from textgen.engine.request import RequestHandle, Unit
 from textgen.engine.sampling import TokenChooser
 from textgen.engine.sequence import BeamRow, Row, Sequence
@@ -71,7 +71,7 @@ class RunningBatch:
         self,
         model: Any,
         pad_token_id: int,
-        metrics: EngineMetrics,
+        record: Recorder,
         prefixes: PrefixCache | None = None,
         program: Any = None,
         draft_tokens: int = 0,
@@ -90,7 +90,7 @@ class RunningBatch:
         self.draft_tokens = draft_tokens if compiled is not None else 0
         self.chunk_tokens = chunk_tokens
         self.pad_token_id = pad_token_id
-        self.metrics = metrics
+        self.record = record
         self.rows: list[Row] = []
         self.cache: BatchCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
@@ -187,7 +187,7 @@ class RunningBatch:
 
     def finish_prefill(self, job: Prefill, logits: torch.Tensor) -> None:
         if job.past:
-            self.metrics.count("prompt_tokens_cached", sum(job.reused))
+            self.record.cached(sum(job.reused))
             for row, n in zip(job.rows, job.reused, strict=True):
                 row.handle.cached_tokens[row.prompt_index] = n
         if self.prefixes is not None:
@@ -212,6 +212,7 @@ class RunningBatch:
             self.mask = merge_masks(self.mask, mask)
         self.rows.extend(rows)
         self.advance(rows, logits)
+        self.record.joined(len(rows))
 
     # --- decode steps --------------------------------------------------------------------
     def step(self) -> None:
@@ -229,7 +230,7 @@ class RunningBatch:
             positions = self.grow(1)
             self.advance(self.rows, self.decode(ids, positions, self.mask, self.cache))
             tokens = rows
-        self.metrics.step(rows, tokens, time.perf_counter() - started)
+        self.record.step(rows, tokens, time.perf_counter() - started)
 
     def grow(self, count: int) -> torch.Tensor:
         """Give every row ``count`` new columns in the mask; the positions of the new tokens
@@ -262,7 +263,6 @@ class RunningBatch:
         ids = torch.tensor([[sequence.next_input, *draft]])
         positions = self.grow(count)
         picks = self.decode.every(ids, positions, self.mask, self.cache)[0].argmax(-1).tolist()
-        self.metrics.count("draft_tokens", len(draft))
         now = time.perf_counter()
         taken = 0
         for index, token in enumerate(picks):
@@ -270,7 +270,7 @@ class RunningBatch:
             taken += 1
             if sequence.finish_reason is not None or index == len(draft) or token != draft[index]:
                 break
-        self.metrics.count("draft_tokens_accepted", taken - 1)
+        self.record.drafted(len(draft), taken - 1)
         # The columns of the inputs whose next token was taken: the one before the draft and
         # the guesses that proved right.
         self.cache.truncate(start + taken)
@@ -321,9 +321,9 @@ class RunningBatch:
         handle = row.handle
         if handle.first_token is None:
             handle.first_token = now
-            self.metrics.observe("time_to_first_token_s", now - handle.created)
+            self.record.first_token(now - handle.created)
         if row.last_token_at is not None:
-            self.metrics.observe("inter_token_s", now - row.last_token_at)
+            self.record.inter_token(now - row.last_token_at)
         row.last_token_at = now
 
     def advance_beams(

@@ -1,4 +1,5 @@
-"""Counters and latency samples an engine keeps (the ops endpoints read them)."""
+"""The engine's own record of what it did (the Recorder /info's snapshot and Retry-After read):
+counters, gauges, recent latency samples and the smoothed speed."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def smooth(average: float, sample: float) -> float:
 
 
 class EngineMetrics:
-    """Thread-safe counters, gauges and recent latency samples of one engine."""
+    """Thread-safe counters, gauges and recent latency samples of one engine (a Recorder)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -52,21 +53,60 @@ class EngineMetrics:
         self.throughput = 0.0  # generated tokens/s, exponentially smoothed over steps
         self.step_seconds = 0.0  # a decode step's duration, smoothed the same way
 
-    def count(self, name: str, amount: int = 1) -> None:
+    def _count(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self.counters[name] += amount
 
-    def observe(self, name: str, value: float) -> None:
+    def _observe(self, name: str, value: float) -> None:
         with self._lock:
             self.samples[name].append(value)
 
-    def set(self, **gauges: int) -> None:
+    def submitted(self) -> None:
+        self._count("requests")
+
+    def rejected(self, reason: str) -> None:
+        self._count("rejected")
+
+    def admitted(self, queue_s: float, prompt_tokens: int) -> None:
         with self._lock:
-            self.gauges.update(gauges)
+            self.samples["queue_s"].append(queue_s)
+            self.counters["prompt_tokens"] += prompt_tokens
+
+    def cached(self, tokens: int) -> None:
+        self._count("prompt_tokens_cached", tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self._observe("time_to_first_token_s", seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._observe("inter_token_s", seconds)
+
+    def drafted(self, guessed: int, kept: int) -> None:
+        with self._lock:
+            self.counters["draft_tokens"] += guessed
+            self.counters["draft_tokens_accepted"] += kept
+
+    def cancelled(self) -> None:
+        self._count("cancelled")
+
+    def load(
+        self, queued: int, running: int, pending_tokens: int, prefix_tokens: int, prefix_bytes: int
+    ) -> None:
+        with self._lock:
+            self.gauges.update(
+                queued=queued,
+                running=running,
+                pending_tokens=pending_tokens,
+                prefix_cache_tokens=prefix_tokens,
+                prefix_cache_bytes=prefix_bytes,
+            )
+
+    def joined(self, rows: int) -> None:
+        self._count("generated_tokens", rows)
 
     def step(self, rows: int, tokens: int, seconds: float) -> None:
-        """Record one decode step: its batch size, the tokens it gave (more than the rows when
-        a draft was checked) and its duration."""
+        """One decode step: its batch size, the tokens it gave (more than the rows when a
+        draft was checked) and its duration."""
         with self._lock:
             self.counters["steps"] += 1
             self.counters["generated_tokens"] += tokens

@@ -17,6 +17,7 @@ from textgen.engine.batch import RunningBatch, unit_rows
 from textgen.engine.events import Finished
 from textgen.engine.metrics import EngineMetrics
 from textgen.engine.prefix import PrefixCache
+from textgen.engine.recorder import Recorder, Recorders
 from textgen.engine.request import RequestHandle
 from textgen.engine.runner import Job, ModelRunner
 from textgen.engine.sequence import Row
@@ -68,10 +69,16 @@ class Engine:
     an event is posted (a request's last Finished releases its capacity, which takes the lock).
     """
 
-    def __init__(self, runner: ModelRunner, limits: EngineLimits) -> None:
+    def __init__(
+        self, runner: ModelRunner, limits: EngineLimits, recorder: Recorder | None = None
+    ) -> None:
         self.runner = runner
         self.limits = limits
+        # Its own record (/info's snapshot, Retry-After's speed), and any other (Prometheus).
         self.metrics = EngineMetrics()
+        self.record: Recorder = (
+            self.metrics if recorder is None else Recorders(self.metrics, recorder)
+        )
         self._waiting: deque[RequestHandle] = deque()
         self._active: set[RequestHandle] = set()
         self._wake = threading.Condition(threading.Lock())
@@ -80,7 +87,7 @@ class Engine:
         self._batch = RunningBatch(
             loaded.model,
             loaded.pad_token_id,
-            self.metrics,
+            self.record,
             prefixes,
             loaded.program,
             limits.draft_tokens,
@@ -128,7 +135,7 @@ class Engine:
                 raise self._full(pending, excess)
             self._active.add(handle)
             self._waiting.append(handle)
-            self.metrics.count("requests")
+            self.record.submitted()
             self._publish_gauges()
             self._wake.notify()
         return handle
@@ -152,7 +159,7 @@ class Engine:
 
     def _full(self, pending: int, excess: int) -> QueueFull:
         """The refusal for the current load, counted (call with the lock held)."""
-        self.metrics.count("rejected")
+        self.record.rejected("queue_full")
         return QueueFull(
             f"model {self.name!r} is at capacity ({len(self._active)} requests, "
             f"{pending} tokens to generate)",
@@ -172,12 +179,12 @@ class Engine:
 
     def _publish_gauges(self) -> None:
         prefixes = self._batch.prefixes
-        self.metrics.set(
+        self.record.load(
             queued=len(self._waiting),
             running=len(self._batch),
             pending_tokens=self._pending_tokens(),
-            prefix_cache_tokens=prefixes.tokens if prefixes is not None else 0,
-            prefix_cache_bytes=prefixes.bytes if prefixes is not None else 0,
+            prefix_tokens=prefixes.tokens if prefixes is not None else 0,
+            prefix_bytes=prefixes.bytes if prefixes is not None else 0,
         )
 
     # --- engine thread ---------------------------------------------------------------
@@ -251,8 +258,8 @@ class Engine:
             room -= unit.rows
             if handle.admitted is None:
                 handle.admitted = now
-                self.metrics.observe("queue_s", now - handle.created)
-                self.metrics.count("prompt_tokens", sum(len(p) for p in handle.job.encoded))
+                prompt = sum(len(p) for p in handle.job.encoded)
+                self.record.admitted(now - handle.created, prompt)
             rows.extend(unit_rows(handle, unit, self.runner.loaded))
             if not handle.pending:
                 self._waiting.popleft()
@@ -272,7 +279,7 @@ class Engine:
                 continue  # released when its last output finished
             if handle.abandoned and not handle.pending and not self._batch.holds(handle):
                 if self._complete(handle) and handle.cancelled:
-                    self.metrics.count("cancelled")
+                    self.record.cancelled()
 
     def _complete(self, handle: RequestHandle) -> bool:
         """Forget a request's claim on capacity; whether it still had one."""
