@@ -112,8 +112,8 @@ def test_tool_definitions_and_calls_cannot_smuggle_special_tokens(
     )
     assert refused.status_code == 400
     assert refused.get_json()["error"]["param"] == "tools"
-    call = {"id": "c1", "type": "function",
-            "function": {"name": "lookup", "arguments": '{"word": "' + INJECTION + '"}'}}  # fmt: skip
+    arguments = '{"word": "' + INJECTION + '"}'
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
     history = [*messages, {"role": "assistant", "content": None, "tool_calls": [call]}]
     in_call = embedded_client.post(
         "/v1/chat/completions", json={"messages": history, "tools": [tool], "max_tokens": 2}
