@@ -19,7 +19,7 @@ $(VENV)/.dev: $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
-## The Debian packages the tests use for real (chromium, redis-server, postgresql, g++).
+## The Debian packages the tests use for real (chromium, redis-server, postgresql, nginx, g++).
 system:
 	deploy/system.sh
 

@@ -74,7 +74,15 @@ threads = _int_env("GUNICORN_THREADS", _settings.max_queue * len(_settings.model
 # gthread workers heartbeat from their main loop, not from request threads, so this bounds a
 # stuck worker, not a generation; it must exceed model loading, which runs in the background.
 timeout = _int_env("GUNICORN_TIMEOUT", 600)
-graceful_timeout = 60
+# On SIGTERM (or when recycled) a worker stops accepting and lets what it admitted finish: the
+# longest a request may run (TEXTGEN_MAX_TIMEOUT) and time to send its end. A few seconds
+# before this, textgen ends what is still running with a final error event
+# (textgen/server/worker.py); the master kills the worker at it.
+graceful_timeout = _int_env("GUNICORN_GRACEFUL_TIMEOUT", int(_settings.max_timeout) + 15)
+# Recycling (off by default): a worker that served this many requests drains as on SIGTERM
+# and is replaced; the jitter keeps workers from being replaced together.
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS") or 0)
+max_requests_jitter = max_requests // 10
 keepalive = 5
 # Each worker loads its own model after fork (see above).
 preload_app = False
@@ -83,10 +91,38 @@ preload_app = False
 control_socket_disable = True
 
 # --- Logging ---------------------------------------------------------------
-accesslog = "-"
+# textgen writes one line per request itself (logger textgen.access: route, model, tokens,
+# time to first token, the client as the proxy saw it), once the response has ended.
+accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+if _settings.log_format == "json":
+    # gunicorn's own lines in the same JSON as textgen's; workers inherit the root handler.
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "textgen.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": _settings.log_level, "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": loglevel.upper(), "handlers": [], "propagate": True},
+            "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+        },
+    }
+
+# --- Metrics -----------------------------------------------------------------
+# prometheus_client's multiprocess mode: each worker writes its samples to files here and
+# /metrics sums them (child_exit drops a dead worker's live gauges).
+_OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="textgen-metrics-")
+_METRICS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 # --- Behind nginx ------------------------------------------------------------
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
@@ -100,6 +136,10 @@ def on_starting(server):
 
     # Ready workers leave a file named by their pid here (see textgen/server/worker.py).
     server.textgen_ready_dir = tempfile.mkdtemp(prefix="textgen-ready-")
+    # Counts of an earlier run would be summed into this one's.
+    _METRICS_DIR.mkdir(parents=True, exist_ok=True)
+    for stale in _METRICS_DIR.glob("*.db"):
+        stale.unlink()
 
     server.log.info(
         "textgen: %d worker(s) x %d torch thread(s) on %d cores", workers, _torch_threads, _CORES
@@ -144,11 +184,16 @@ def pre_fork(server, worker):
 
 
 def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
     (Path(server.textgen_ready_dir) / str(worker.pid)).unlink(missing_ok=True)
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server):
     shutil.rmtree(server.textgen_ready_dir, ignore_errors=True)
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(_METRICS_DIR, ignore_errors=True)
 
 
 def post_fork(server, worker):

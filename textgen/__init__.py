@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 from typing import Any
 
@@ -15,14 +14,15 @@ __version__ = "0.1.0"
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app: settings, routes and their OpenAPI document, error handlers, and this
     worker's model registry."""
-    from textgen.api import generate, info, tokenize, users
-    from textgen.api.access import init_access
+    from textgen.api import generate, info, observe, tokenize, users
+    from textgen.api.access import BehindProxies, init_access
     from textgen.api.auth import init_auth
     from textgen.api.docs import init_docs
     from textgen.api.errors import register_error_handlers
     from textgen.api.limits import init_limits
     from textgen.api.tracing import init_request_ids
     from textgen.config import PREFIX, check_unknown_env, load_settings
+    from textgen.logs import configure_logging
     from textgen.openai import chat, completions, responses_api
     from textgen.openai import models as openai_models
     from textgen.runtime import configure_torch
@@ -37,14 +37,16 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     settings = load_settings(app.config)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.trusted_proxies:
+        # The client address, scheme and host as the proxy saw them.
+        app.wsgi_app = BehindProxies(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
     configure_torch(settings.torch_threads)
 
     app.extensions["textgen.settings"] = settings  # the caps request validation reads
     api = init_docs(app)
-    for module in (generate, tokenize, info, completions, chat, responses_api, openai_models):
+    modules = (generate, tokenize, info, observe, completions, chat, responses_api, openai_models)
+    for module in modules:
         api.register_blueprint(module.bp)
     if settings.auth == "jwt":
         api.register_blueprint(users.bp)
@@ -55,6 +57,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     # After the docs: their error handler is replaced by textgen's one error shape.
     register_error_handlers(app)
     init_request_ids(app)
+    observe.init_observe(app, settings.log_prompts)
     init_access(app, settings)
     init_auth(app, settings)
     init_limits(app, settings)  # after auth: limits count per key or user

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -52,6 +53,19 @@ class CommaList(f.Field):
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
             raise ValidationError("must be a comma-separated list")
         return tuple(item.strip() for item in items if item.strip())
+
+
+class Networks(CommaList):
+    """A comma-separated list of IP addresses or networks (``127.0.0.1,10.0.0.0/8``)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple:
+        items = super()._deserialize(value, attr, data, **kwargs)
+        for item in items:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValidationError(f"{item!r} is not an IP address or network") from None
+        return items
 
 
 def setting(
@@ -238,6 +252,21 @@ class Settings:
     )
     hub_probe_timeout: float = setting(
         number(3.0, 0.1, 120), "seconds to decide the Hugging Face Hub is unreachable"
+    )
+    log_format: str = setting(
+        f.String(load_default="json", validate=validate.OneOf(["json", "text"])),
+        "`json`: one JSON object per log line (a request's line has its id, route, model, "
+        "status, tokens, time to first token, duration, client); `text`: plain lines",
+    )
+    log_prompts: bool = setting(
+        f.Boolean(load_default=False), "put each request's prompt or messages in its log line"
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        Networks(load_default=()),
+        "addresses or networks of the proxy in front (nginx on this host: `127.0.0.1`): from "
+        "them, `X-Forwarded-For`/`-Proto`/`-Host` are believed (one hop), so logs and "
+        "per-address limits see the real client; from anyone else, never",
+        "(none)",
     )
     log_level: str = setting(
         f.String(

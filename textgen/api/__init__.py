@@ -39,6 +39,11 @@ def submit(
     """Start a request on the engines, metered by its client's token budget (a 429 before
     anything runs when the tokens it may generate are more than its minute has left)."""
     from textgen.api.limits import current_budget
+    from textgen.api.observe import watch
     from textgen.engine.submission import Submission
 
-    return Submission.start(engines, prompts, params, timeout, until_context, current_budget())
+    submission = Submission.start(
+        engines, prompts, params, timeout, until_context, current_budget()
+    )
+    watch(submission)
+    return submission

@@ -1,10 +1,15 @@
-"""Who may reach the API from where: the Host header (DNS rebinding) and browsers of other
-origins (CORS, through flask-cors; off unless origins are listed)."""
+"""Who may reach the API from where: the Host header (DNS rebinding), browsers of other origins
+(CORS, through flask-cors; off unless origins are listed), and the proxy in front whose
+forwarded headers are believed."""
 
 from __future__ import annotations
 
+import ipaddress
+from typing import Any
+
 from flask import Flask, request
 from flask_cors import CORS
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from textgen.api.errors import InvalidRequest
 from textgen.api.tracing import HEADER as REQUEST_ID
@@ -40,3 +45,26 @@ def host_name(host: str) -> str:
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class BehindProxies:
+    """WSGI middleware: werkzeug's ProxyFix (one hop of X-Forwarded-For, -Proto, -Host, -Port)
+    for connections from a trusted proxy; any other peer's forwarded headers change nothing, so
+    a client that reaches gunicorn directly cannot pose as another address."""
+
+    def __init__(self, app: Any, proxies: tuple[str, ...]) -> None:
+        self.app = app
+        self.fixed = ProxyFix(app, x_for=1, x_proto=1, x_host=1, x_port=1)
+        self.networks = [ipaddress.ip_network(p, strict=False) for p in proxies]
+
+    def trusted(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if self.trusted(environ.get("REMOTE_ADDR", "")):
+            return self.fixed(environ, start_response)
+        return self.app(environ, start_response)

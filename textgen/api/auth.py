@@ -19,11 +19,13 @@ from textgen.config import Settings
 
 log = logging.getLogger(__name__)
 
-# Open without credentials: whether the server is up, and how to log in.
+# Open without credentials: whether the server is up, its metrics (deploy/nginx keeps /metrics
+# from outside), and how to log in.
 OPEN_ENDPOINTS = {
     "info.get_health",
     "info.get_liveness",
     "info.get_readiness",
+    "metrics.metrics",
     "static",
     "users.issue_token",
     "users.register",

@@ -135,7 +135,9 @@ class TokenizerInfoSchema(Schema):
 class HealthSchema(Schema):
     """Loading state: ok once every model is loaded and warmed up."""
 
-    status = fields.String(required=True, metadata={"enum": ["ok", "idle", "loading", "failed"]})
+    status = fields.String(
+        required=True, metadata={"enum": ["ok", "idle", "loading", "failed", "draining"]}
+    )
     detail = fields.String(required=True)
     models = fields.List(fields.String(), required=True, metadata={"description": "loaded"})
     ready_after_s = nullable_number("seconds from start to ready")

@@ -8,6 +8,7 @@
 - The worker takes no connections until its models are ready, unless no other worker is
   (a first start): a loading worker leaves the traffic to the ready ones.
 - gunicorn's own error answers (400, 414, 431, 501, ...) are JSON in textgen's error shape.
+- Stopping drains: no new connections, /readyz 503, admitted requests finish (see drain).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import selectors
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +33,8 @@ from textgen.server.framing import expects_continue, judge
 READ_CHUNK = 64 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 LINGER_S = 2.0
+# Before graceful_timeout, the time to end what still runs and send each its last event.
+DRAIN_MARGIN_S = 5.0
 REASONS = {
     400: "Bad Request",
     408: "Request Timeout",
@@ -85,6 +89,7 @@ class TextgenWorker(ThreadWorker):
         self.buffered = 0
         self.in_flight = 0
         self.ready_mark: Path | None = None
+        self.draining = False
         # Set by the master's pre_fork hook: where ready workers leave a file named by pid.
         self.ready_dir: Path | None = None
 
@@ -260,6 +265,28 @@ class TextgenWorker(ThreadWorker):
     # --- readiness ------------------------------------------------------------------------
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled and self.may_accept())
+        if not self.alive and not self.draining:
+            self.drain()
+
+    # --- stopping -----------------------------------------------------------------------
+    def drain(self) -> None:
+        """The main loop has ended (SIGTERM, or recycled after max_requests): take no more
+        connections, turn /readyz to 503, and let admitted requests finish. gunicorn waits
+        for them up to graceful_timeout; DRAIN_MARGIN_S before that, whatever still runs
+        is ended with a final error event, so that its client hears why before the master
+        kills this worker."""
+        self.draining = True
+        for listener in self.sockets:
+            listener.close()  # new connections go to other workers, or are refused
+        registry = self.registry
+        if registry is None:
+            return
+        registry.drain()
+        timer = threading.Timer(
+            max(1.0, self.cfg.graceful_timeout - DRAIN_MARGIN_S), registry.close
+        )
+        timer.daemon = True
+        timer.start()
 
     def may_accept(self) -> bool:
         """Ready, or no other worker is (then this one answers 503 until it is)."""

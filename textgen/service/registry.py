@@ -18,6 +18,7 @@ from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
 from textgen.models.cache import ModelCache
 from textgen.models.loading import load_model
+from textgen.service.prometheus import LOAD_TIME, PrometheusRecorder
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class ModelRegistry:
                 loaded = load_model(
                     spec, self.cache, self.settings.hub_probe_timeout, self.settings.compile
                 )
-                engine = Engine(ModelRunner(loaded, self.limits), self.engine_limits)
+                runner = ModelRunner(loaded, self.limits)
+                engine = Engine(runner, self.engine_limits, PrometheusRecorder(spec.name))
+                LOAD_TIME.labels(spec.name).set(loaded.load_seconds)
                 engine.start()
                 if self.settings.warmup:
                     self._set("loading", f"warming up model {spec.name!r}")
@@ -108,6 +111,8 @@ class ModelRegistry:
             self._set("failed", without_paths(str(exc)))
             raise
         with self._guard:
+            if self._state == "draining":
+                return  # stopped meanwhile: it stays out of rotation
             self._state, self._detail = "ready", "all models loaded"
             self._ready_after = round(time.monotonic() - self._started, 3)
         log.info("ready after %.1f s: %s", self._ready_after, ", ".join(self._engines))
@@ -130,8 +135,14 @@ class ModelRegistry:
             engines = list(self._engines.values())
         return min((engine.drain_seconds() for engine in engines), default=1)
 
+    def drain(self) -> None:
+        """This worker is stopping: /readyz and /health answer 503 while admitted requests
+        finish."""
+        self._set("draining", "stopping: finishing the requests already admitted")
+
     def close(self) -> None:
-        """Stop every engine (at process exit)."""
+        """Stop every engine (at process exit, or at the end of a drain): what still runs
+        ends with an error event."""
         with self._guard:
             engines = list(self._engines.values())
         for engine in engines:

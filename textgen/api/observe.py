@@ -1,0 +1,120 @@
+"""Every request observed once it ends (for a stream, once its last event is sent): one JSON
+log line, and the HTTP metrics (textgen.service.prometheus); and GET /metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response, g, request
+
+from textgen.api.auth import principal
+from textgen.api.docs import Blueprint
+from textgen.api.tracing import request_id
+from textgen.logs import FIELDS
+
+if TYPE_CHECKING:
+    from textgen.engine.submission import Submission
+
+log = logging.getLogger("textgen.access")
+bp = Blueprint("metrics", __name__, description="Prometheus metrics")
+
+# Why a request was refused before it ran, by status (and, for 429, the error's code).
+REASONS = {401: "unauthorised", 403: "forbidden", 413: "too_large", 415: "media_type"}
+
+
+def watch(submission: Submission) -> None:
+    """Note a request's submission (its model, tokens, timings go into its log line)."""
+    g.setdefault("submissions", []).append(submission)
+
+
+@bp.get("/metrics")
+@bp.doc(responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
+def metrics() -> Response:
+    """Prometheus metrics of every worker: requests, latencies, tokens, queue and batch."""
+    from textgen.service.prometheus import exposition
+
+    body, content_type = exposition()
+    return Response(body, content_type=content_type)
+
+
+def outcome(submissions: list[Submission]) -> dict[str, Any]:
+    """What the engine did for a request: models, tokens, first-token time, finish reasons."""
+    if not submissions:
+        return {}
+    models, prompt, cached, completion, reasons = [], 0, 0, 0, []
+    ttft: float | None = None
+    for submission in submissions:
+        result = submission.result()
+        for model in result.models:
+            models.append(model.model)
+            prompt += model.usage.prompt_tokens
+            cached += model.usage.cached_tokens
+            completion += model.usage.completion_tokens
+            reasons += [o.finish_reason.value for o in model.outputs]
+            first = model.timings.time_to_first_token_s
+            if first is not None and (ttft is None or first < ttft):
+                ttft = first
+    return {
+        "model": ",".join(dict.fromkeys(models)),
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "completion_tokens": completion,
+        "time_to_first_token_s": ttft,
+        "finish_reason": ",".join(dict.fromkeys(reasons)) or None,
+    }
+
+
+def error_code(response: Response) -> str | None:
+    if response.status_code < 400 or response.is_streamed or not response.is_json:
+        return None
+    body = response.get_json(silent=True)
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
+
+
+def init_observe(app: Flask, log_prompts: bool) -> None:
+    """Log and count every request when its response is closed."""
+
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def observe(response: Response) -> Response:
+        started = g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+        who = principal()
+        line: dict[str, Any] = {
+            "request_id": request_id(),
+            "method": request.method,
+            "route": route,
+            "status": response.status_code,
+            "client": request.remote_addr,
+            "principal": who.ident if who is not None else None,
+        }
+        code = error_code(response)
+        if code is not None:
+            line["error"] = code
+        if log_prompts:
+            body = request.get_json(silent=True)
+            if isinstance(body, dict):
+                line["prompt"] = body.get("prompt") or body.get("messages") or body.get("input")
+        submissions = list(g.get("submissions", []))
+
+        def close() -> None:
+            from textgen.service.prometheus import count_request
+
+            line.update(outcome(submissions))
+            line["duration_s"] = round(time.perf_counter() - started, 4)
+            reason = REASONS.get(line["status"])
+            if line["status"] == 429:
+                reason = code or "rate_limited"
+            count_request(line, reason)
+            log.info(
+                "%s %s %s", line["method"], line["route"], line["status"], extra={FIELDS: line}
+            )
+
+        response.call_on_close(close)
+        return response
