@@ -4,6 +4,7 @@
 # before fork deadlocks the children (pytorch#49555, gunicorn#2478). Models are prepared by a
 # subprocess and loaded by each worker after fork.
 
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from textgen.config import ConfigError, available_cores, settings_from_env
+from textgen.server.placeholder import Placeholder
 
 
 def _int_env(name: str, default: int) -> int:
@@ -163,12 +165,24 @@ def on_starting(server):
             child.terminate()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Meanwhile the port answers /readyz 503 with the step (the pull's latest log line).
+    placeholder = Placeholder(bind)
+    placeholder.start()
     try:
-        running.append(subprocess.Popen([sys.executable, "-m", "textgen", "pull"]))
+        pull = subprocess.Popen(
+            [sys.executable, "-m", "textgen", "pull"], stderr=subprocess.PIPE, text=True
+        )
+        running.append(pull)
         if stopped:
-            running[0].terminate()
-        returncode = running[0].wait()
+            pull.terminate()
+        assert pull.stderr is not None
+        for line in pull.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                placeholder.step = step_of(line)
+        returncode = pull.wait()
     finally:
+        placeholder.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopped:
@@ -177,6 +191,15 @@ def on_starting(server):
     if returncode != 0:
         server.log.error("textgen: models could not be prepared; not starting")
         sys.exit(returncode)
+
+
+def step_of(line):
+    """What a log line of `textgen pull` says it is doing (its message, for JSON lines)."""
+    text = line.strip()
+    try:
+        return json.loads(text).get("message", text)
+    except (ValueError, AttributeError):
+        return text
 
 
 def pre_fork(server, worker):

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from textgen.config import ConfigError, settings_from_env, settings_table
+from textgen.logs import configure_logging
 from textgen.models.cache import ModelCache
 from textgen.models.sources import ModelUnavailable, forget, is_prepared, prepare
 from textgen.models.specs import SpecError, parse_model_specs
@@ -32,6 +33,8 @@ def pull(sources: tuple[str, ...], force: bool) -> None:
         specs = parse_model_specs(list(sources)) if sources else list(settings.models)
     except (ConfigError, SpecError) as exc:
         raise click.ClickException(str(exc)) from exc
+    # Each step (converting, quantizing, compiling) says what it does and how long it takes.
+    configure_logging(settings.log_level, settings.log_format)
     cache = ModelCache(settings.model_cache)
     for spec in specs:
         if force:

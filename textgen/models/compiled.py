@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -252,9 +253,14 @@ def load_program(model: Any, model_dir: Path, dtype: str, cache: ModelCache) -> 
     target = cache.compiled_path(model_dir, dtype)
     with cache.lock(f"compile-{target.name}"):
         if not target.is_file():
-            log.info("compiling the %s decoder of %s (once; minutes)", dtype, model_dir.name)
+            log.info(
+                "compiling the %s decoder of %s: once, about 1.5-3.5 minutes on 2 cores (a C++ "
+                "build; later starts load it from the cache)",
+                dtype, model_dir.name,
+            )  # fmt: skip
+            started = time.monotonic()
             compile_program(model, target)
-            log.info("compiled decoder written to %s", target)
+            log.info("compiled decoder written to %s (%.0f s)", target, time.monotonic() - started)
     try:
         return torch._inductor.aoti_load_package(str(target))
     except Exception as exc:

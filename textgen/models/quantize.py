@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,12 +203,21 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
         return
     target = cache.quantized_path(model_dir, dtype)
     if not target.is_file():
+        started = time.monotonic()
+        log.info(
+            "quantizing %s to %s into the cache: once, usually under a minute",
+            model_dir.name,
+            dtype,
+        )
         tensors = quantized_tensors(model, dtype)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_suffix(f".{os.getpid()}.partial")
         torch.save({k: v.contiguous() for k, v in tensors.items()}, staging)
         os.replace(staging, target)
-        log.info("%s weights of %s prepared in %s", dtype, model_dir, target)
+        log.info(
+            "%s weights of %s prepared in %s (%.0f s)",
+            dtype, model_dir.name, target, time.monotonic() - started,
+        )  # fmt: skip
     try:
         tensors = torch.load(target, mmap=True, weights_only=True)
     except Exception as exc:

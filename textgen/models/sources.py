@@ -156,7 +156,12 @@ def convert_gguf(gguf: Path, cache: ModelCache, name: str) -> PreparedModel:
     with cache.lock(key):
         if (target / MARKER).is_file():  # another worker converted it while we waited
             return PreparedModel(target, digest[:16])
-        log.info("converting %s (model %r) into %s; this happens once", gguf, name, target)
+        log.info(
+            "converting %s (model %r) into %s: once, usually under a minute",
+            gguf.name,
+            name,
+            target,
+        )
         started = time.monotonic()
         staging = target.with_name(f".{key}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
