@@ -283,3 +283,92 @@ def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=120)
+
+
+def test_the_port_answers_while_the_first_start_prepares(tmp_path: Path) -> None:
+    """A first start quantizes the model before any worker runs: meanwhile /readyz is 503 with
+    the step, not a refused connection, and each step says what it does in the log."""
+    model = tmp_path / "tiny-llama"
+    save_tiny_llama(model)
+    port = free_port()
+    env = server_env(tmp_path, port, TEXTGEN_COMPILE="0")
+    env["TEXTGEN_MODELS"] = json.dumps([{"name": "t", "source": str(model), "dtype": "int8"}])
+    log = tmp_path / "gunicorn.log"
+    process = gunicorn(env, log=log.open("w"))
+    url = f"http://127.0.0.1:{port}"
+    seen: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            try:
+                answer = requests.get(f"{url}/readyz", timeout=5)
+            except requests.RequestException:
+                time.sleep(0.02)
+                continue
+            seen.append({"code": answer.status_code, **answer.json()})
+            if answer.status_code == 200:
+                break
+        preparing = [s for s in seen if s.get("status") == "preparing"]
+        assert preparing and all(s["code"] == 503 and s["detail"] for s in preparing)
+        assert seen[-1]["code"] == 200
+        assert "quantizing tiny-llama to int8 into the cache: once" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+
+
+def test_two_instances_behind_one_upstream(tmp_path: Path) -> None:
+    """Requests spread over both instances (sharing one model cache); when one dies, the
+    requests that had not started on it go to the other, and the rest keep succeeding."""
+    ports = [free_port(), free_port()]
+    logs = [tmp_path / f"instance-{n}.log" for n in range(2)]
+    cache = tmp_path / "shared-cache"
+    processes = []
+    for port, log in zip(ports, logs, strict=True):
+        env = server_env(tmp_path, port, TEXTGEN_MODEL_CACHE=str(cache))
+        processes.append(gunicorn(env, log=log.open("w")))
+    nginx = None
+    try:
+        for process, port in zip(processes, ports, strict=True):
+            wait_healthy(process, f"http://127.0.0.1:{port}", 180)
+        edge = free_port()
+        site = tmp_path / "edge"
+        site.mkdir()
+        nginx = start_nginx(site, edge, ports[0])
+        conf = site / "textgen.conf"
+        both = f"server 127.0.0.1:{ports[0]} max_fails=1 fail_timeout=5s;\n" \
+               f"    server 127.0.0.1:{ports[1]} max_fails=1 fail_timeout=5s;"  # fmt: skip
+        conf.write_text(conf.read_text().replace(
+            f"server 127.0.0.1:{ports[0]} max_fails=1 fail_timeout=5s;", both))  # fmt: skip
+        nginx.send_signal(signal.SIGHUP)  # reload with both upstream servers
+        time.sleep(1)
+        url = f"http://127.0.0.1:{edge}"
+
+        def served_by() -> list[int]:
+            return [log.read_text().count('"route": "/generate"') for log in logs]
+
+        for _ in range(12):
+            assert generate(url).status_code == 200
+        wait_until(lambda: sum(served_by()) == 12, "the log lines", 30)
+        assert all(count > 0 for count in served_by()), served_by()  # both took a share
+
+        # Instance 0 dies (master and worker) while a client keeps sending.
+        worker = requests.get(f"http://127.0.0.1:{ports[0]}/livez", timeout=10).json()["pid"]
+        answers = []
+        for number in range(20):
+            if number == 4:
+                os.kill(processes[0].pid, signal.SIGKILL)
+                os.kill(worker, signal.SIGKILL)
+            answers.append(generate(url).status_code)
+        # At most the request in flight on it when it died fails; every one after succeeds.
+        assert answers.count(200) >= 19, answers
+        assert answers[6:] == [200] * 14, answers
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(timeout=30)
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=120)
