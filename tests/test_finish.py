@@ -54,3 +54,18 @@ def test_beam_hypotheses(
 def test_openai_names() -> None:
     assert FinishReason.EOS.openai == FinishReason.STOP.openai == "stop"
     assert FinishReason.LENGTH.openai == "length"
+
+
+def test_a_loop_is_found_at_the_end_only() -> None:
+    from textgen.generation.finish import LONGEST_LOOP, looping
+
+    assert looping([1, 2, 3, 9, 8, 9, 8, 9, 8], 3)  # "9 8" three times
+    assert not looping([9, 8, 9, 8, 9, 8, 1], 3)  # the loop is over
+    assert not looping([9, 8, 9, 8], 3)
+    assert looping([5] * 4, 4) and not looping([5] * 3, 4)
+    block = list(range(LONGEST_LOOP))
+    assert looping(block * 2, 2)
+    assert not looping(list(range(LONGEST_LOOP + 1)) * 2, 2)  # longer than looked for
+    criteria = StoppingCriteria(frozenset({EOS}), 100, StopSequenceMatcher(()), repeats=2)
+    assert criteria.after(7, "x", 4, False, [7, 6, 7, 6]) is FinishReason.REPETITION
+    assert criteria.after(EOS, "x", 4, False, [6, EOS, 6, EOS]) is FinishReason.EOS

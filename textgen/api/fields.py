@@ -33,6 +33,9 @@ RANGES: dict[str, dict[str, Any]] = {
         "max_items": 300,
     },
     "min_tokens": {"type": "integer", "min": 0},
+    # An output that ends with one block of tokens written this many times in a row ends
+    # there (finish_reason "repetition"); 0: never.
+    "repetition_stop": {"type": "integer", "min": 0, "max": 64, "default": 0},
 }
 
 

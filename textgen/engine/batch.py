@@ -43,7 +43,9 @@ def unit_rows(handle: RequestHandle, unit: Unit, loaded: LoadedModel) -> list[Ro
         return str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
 
     eos = frozenset() if params.ignore_eos else frozenset(loaded.eos_token_ids)
-    criteria = StoppingCriteria(eos, params.max_new_tokens, StopSequenceMatcher(params.stop))
+    criteria = StoppingCriteria(
+        eos, params.max_new_tokens, StopSequenceMatcher(params.stop), params.repetition_stop
+    )
     if params.num_beams > 1:
         search = BeamSearch(prompt, params, criteria, decode)
         return [BeamRow(handle, unit.prompt_index, prompt, search=search)]

@@ -68,7 +68,7 @@ class Sequence(Row):
         if token not in self.criteria.eos:
             self.detokenizer.push(token)
         text = self.detokenizer.text
-        reason = self.criteria.after(token, text, len(self.generated), expired)
+        reason = self.criteria.after(token, text, len(self.generated), expired, self.generated)
         if reason is not None:
             self.finish(reason)
         else:

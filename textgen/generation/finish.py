@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -15,12 +16,14 @@ class FinishReason(StrEnum):
     STOP = "stop"  # a stop string
     LENGTH = "length"  # the token budget
     TIME_LIMIT = "time_limit"  # the request's deadline
+    REPETITION = "repetition"  # the output went round in a loop (repetition_stop)
     CANCELLED = "cancelled"  # the client left (never reported: nobody reads it)
 
     @property
     def openai(self) -> str:
         """OpenAI's name for it: the model's end and a stop string are both "stop"."""
-        return "stop" if self in (FinishReason.EOS, FinishReason.STOP) else self.value
+        ended = (FinishReason.EOS, FinishReason.STOP, FinishReason.REPETITION)
+        return "stop" if self in ended else self.value
 
 
 @dataclass(frozen=True)
@@ -30,20 +33,40 @@ class StoppingCriteria:
     eos: frozenset[int]
     budget: int
     stops: StopSequenceMatcher
+    repeats: int = 0  # end an output that repeats a block of tokens this many times (0: never)
 
-    def after(self, token: int, text: str, generated: int, expired: bool) -> FinishReason | None:
-        """The reason to end after ``token`` (the ``generated``-th) made the text ``text``,
-        or None to go on. The model's end wins over a stop string, which wins over the
-        budget, which wins over the deadline."""
+    def after(
+        self, token: int, text: str, generated: int, expired: bool, output: Sequence[int] = ()
+    ) -> FinishReason | None:
+        """The reason to end after ``token`` (the ``generated``-th, ending ``output``) made
+        the text ``text``, or None to go on. The model's end wins over a stop string, which
+        wins over a loop, then the budget, then the deadline."""
         if token in self.eos:
             return FinishReason.EOS
         if self.stops.find(text) is not None:
             return FinishReason.STOP
+        if self.repeats and looping(output, self.repeats):
+            return FinishReason.REPETITION
         if generated >= self.budget:
             return FinishReason.LENGTH
         if expired:
             return FinishReason.TIME_LIMIT
         return None
+
+
+# The longest block of tokens a loop is looked for in (a sentence or two).
+LONGEST_LOOP = 48
+
+
+def looping(tokens: Sequence[int], repeats: int) -> bool:
+    """Whether ``tokens`` end with one block of 1 to LONGEST_LOOP tokens written ``repeats``
+    times in a row ("the cat sat. the cat sat. the cat sat.")."""
+    count = len(tokens)
+    tail = list(tokens[-LONGEST_LOOP * repeats :])
+    for period in range(1, min(LONGEST_LOOP, count // repeats) + 1):
+        if tail[len(tail) - period * repeats :] == tail[len(tail) - period :] * repeats:
+            return True
+    return False
 
 
 def settled(reason: FinishReason, stopped: bool) -> FinishReason:

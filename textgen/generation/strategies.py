@@ -15,7 +15,13 @@ COMMON = (
     "ignore_eos",
 )
 # Applied per token by the engine; beam search (one whole generate() call) takes none of them.
-TOKEN_KNOBS = ("presence_penalty", "frequency_penalty", "logit_bias", "min_tokens")
+TOKEN_KNOBS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "min_tokens",
+    "repetition_stop",
+)
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "seed")
 
 
@@ -104,6 +110,7 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
+    repetition_stop: int = 0  # end an output that repeats a block of tokens this many times
     logprobs: int | None = None  # top alternatives to report per token (0: the chosen one only)
     prompt_logprobs: bool = False
     response_format: str | None = None  # JSON text of {"type": "json_object"|"json_schema", ...}
@@ -141,6 +148,7 @@ OPTIONAL: dict[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "min_tokens": 0,
+    "repetition_stop": 0,
     "prompt_logprobs": False,
 }
 
