@@ -19,6 +19,7 @@ from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished
 from textgen.engine.results import ModelResult, Result
 from textgen.engine.submission import Submission
+from textgen.generation.postprocess import TextFilter
 
 bp = Blueprint("generate", __name__, description="Native generation: prompts x models x strategies")
 
@@ -53,32 +54,73 @@ def create_generation(body: GenerateRequest) -> Response | dict[str, Any]:
     sock = request.environ.get("gunicorn.socket")
     if body.stream:
         ping_s = registry.settings.stream_ping_s
-        return sse_response(stream_generation(submission, sock, ping_s))
-    return collect_generation(submission, sock)
+        return sse_response(stream_generation(body, submission, sock, ping_s))
+    return collect_generation(body, submission, sock)
 
 
-def collect_generation(submission: Submission, sock: socket.socket | None) -> dict[str, Any]:
+def collect_generation(
+    body: GenerateRequest, submission: Submission, sock: socket.socket | None
+) -> dict[str, Any]:
     """Wait for every output; an empty body if the client left meanwhile (nobody reads it)."""
-    return response_body(submission.result()) if wait_for(submission, sock) else {}
+    if not wait_for(submission, sock):
+        return {}
+    return response_body(submission.result(), Filters(body))
+
+
+class Filters:
+    """Each output's post-processing (none when the request asked for none)."""
+
+    def __init__(self, body: GenerateRequest) -> None:
+        self.body = body
+        self.filters: dict[tuple[str, int, int], TextFilter] = {}
+
+    def of(self, model: str, prompt_index: int, index: int) -> TextFilter | None:
+        if not self.body.postprocess.active:
+            return None
+        key = (model, prompt_index, index)
+        if key not in self.filters:
+            prompt = self.body.prompt_text(prompt_index)
+            self.filters[key] = TextFilter(self.body.postprocess, prompt)
+        return self.filters[key]
+
+    def whole(self, model: str, output: Finished) -> tuple[str, list[str]]:
+        """An output's final text and the options that changed it."""
+        flt = self.of(model, output.prompt_index, output.index)
+        if flt is None:
+            return output.text, []
+        if not flt.raw and not flt.sent:  # not streamed: all of it at once
+            flt.push(output.text)
+            flt.finish()
+        return flt.sent, flt.changed
 
 
 def stream_generation(
-    submission: Submission, sock: socket.socket | None, ping_s: float
+    body: GenerateRequest, submission: Submission, sock: socket.socket | None, ping_s: float
 ) -> Iterator[str]:
     """Server-sent events: text deltas, each output's finish, a summary, then [DONE]."""
+    filters = Filters(body)
 
     def on_delta(model: str, event: Delta) -> dict[str, Any] | None:
-        return output_key(model, event) | {"text": event.text} if event.text else None
+        flt = filters.of(model, event.prompt_index, event.index)
+        text = flt.push(event.text) if flt is not None else event.text
+        return output_key(model, event) | {"text": text} if text else None
 
     def on_finish(model: str, event: Finished) -> dict[str, Any]:
-        return output_key(model, event) | {
-            "text": "",
-            "finish_reason": event.finish_reason.value,
-            "completion_tokens": event.completion_tokens,
-        }
+        flt = filters.of(model, event.prompt_index, event.index)
+        end: dict[str, Any] = {"text": flt.finish() if flt is not None else ""}
+        if flt is not None and flt.changed:
+            end["postprocessed"] = flt.changed
+        return (
+            output_key(model, event)
+            | end
+            | {
+                "finish_reason": event.finish_reason.value,
+                "completion_tokens": event.completion_tokens,
+            }
+        )
 
     def closing() -> dict[str, Any]:
-        summary = response_body(submission.result())
+        summary = response_body(submission.result(), filters)
         return {k: v for k, v in summary.items() if k != "results"} | summaries(summary)
 
     return stream_events(submission, sock, ping_s, on_delta, on_finish, closing)
@@ -93,31 +135,39 @@ def summaries(body: dict[str, Any]) -> dict[str, Any]:
     return {"results": [{k: v for k, v in r.items() if k != "outputs"} for r in body["results"]]}
 
 
-def response_body(result: Result) -> dict[str, Any]:
+def response_body(result: Result, filters: Filters) -> dict[str, Any]:
     """The whole response (GenerationSchema), from the frozen results."""
-    return {
+    body: dict[str, Any] = {
         "id": f"gen-{uuid.uuid4().hex}",
         "object": "generation",
         "created": int(time.time()),
-        "results": [result_body(model) for model in result.models],
+        "results": [result_body(model, filters) for model in result.models],
         "usage": usage_body(result.usage),
     }
+    if filters.body.preset is not None:
+        body["preset"] = filters.body.preset
+    return body
 
 
-def result_body(result: ModelResult) -> dict[str, Any]:
+def output_body(model: str, output: Finished, filters: Filters) -> dict[str, Any]:
+    text, changed = filters.whole(model, output)
+    body = {
+        "prompt_index": output.prompt_index,
+        "index": output.index,
+        "text": text,
+        "finish_reason": output.finish_reason.value,
+        "completion_tokens": output.completion_tokens,
+    }
+    if changed:
+        body["postprocessed"] = changed
+    return body
+
+
+def result_body(result: ModelResult, filters: Filters) -> dict[str, Any]:
     """One model's part of the response."""
     return {
         "model": result.model,
-        "outputs": [
-            {
-                "prompt_index": f.prompt_index,
-                "index": f.index,
-                "text": f.text,
-                "finish_reason": f.finish_reason.value,
-                "completion_tokens": f.completion_tokens,
-            }
-            for f in result.outputs
-        ],
+        "outputs": [output_body(result.model, f, filters) for f in result.outputs],
         "parameters": dict(result.parameters),
         "usage": usage_body(result.usage),
         "timings": dataclasses.asdict(result.timings),

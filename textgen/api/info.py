@@ -14,9 +14,11 @@ from textgen.api.responses import (
     InfoSchema,
     LivenessSchema,
     ModelListSchema,
+    PresetListSchema,
     StrategyListSchema,
 )
 from textgen.api.schemas import parameter_ranges
+from textgen.generation.presets import describe_presets
 from textgen.generation.strategies import describe_strategies
 from textgen.models.memory import process_memory
 
@@ -72,6 +74,13 @@ def list_strategies() -> dict[str, Any]:
     """The decoding strategies, what each fixes and the parameters it accepts."""
     ranges = parameter_ranges(current_registry().settings)
     return {"strategies": describe_strategies(ranges)}
+
+
+@bp.get("/presets")
+@bp.response(200, PresetListSchema)
+def list_presets() -> dict[str, Any]:
+    """Prompt presets for base models, usable by name in /generate (`"preset": "qa"`)."""
+    return {"presets": describe_presets()}
 
 
 @bp.get("/info")

@@ -8,7 +8,7 @@ from marshmallow import Schema, fields
 
 from textgen.engine.results import Usage
 
-FINISH_REASONS = ["eos", "stop", "length", "time_limit"]
+FINISH_REASONS = ["eos", "stop", "length", "time_limit", "repetition"]
 
 
 def nullable_number(description: str) -> fields.Float:
@@ -74,6 +74,10 @@ class OutputSchema(Schema):
     text = fields.String(required=True)
     finish_reason = fields.String(required=True, metadata={"enum": FINISH_REASONS})
     completion_tokens = fields.Integer(required=True)
+    postprocessed = fields.List(
+        fields.String(metadata={"enum": ["strip_prompt", "drop_repeated_lines", "max_words"]}),
+        metadata={"description": "the post-processing options that changed this text"},
+    )
 
 
 class ModelResultSchema(Schema):
@@ -96,14 +100,29 @@ class GenerationSchema(Schema):
     created = fields.Integer(required=True)
     results = fields.List(fields.Nested(ModelResultSchema), required=True)
     usage = fields.Nested(UsageSchema, required=True)
+    preset = fields.String(metadata={"description": "the prompt preset applied"})
+
+
+class PresetSchema(Schema):
+    name = fields.String(required=True)
+    description = fields.String(required=True)
+    template = fields.String(required=True, metadata={"description": "{prompt} marks the text"})
+    models = fields.String(required=True, metadata={"description": "for which models"})
+    stop = fields.List(fields.String(), required=True, metadata={"description": "its stops"})
+
+
+class PresetListSchema(Schema):
+    presets = fields.List(fields.Nested(PresetSchema), required=True)
 
 
 GENERATION_EVENTS = """Server-sent events, each `data: <JSON>`:
 a delta `{"model", "prompt_index", "index", "text"}` per piece of text;
-a finish `{"model", "prompt_index", "index", "text": "", "finish_reason", "completion_tokens"}`
-per output; a summary `{"id", "object", "created", "usage", "results": [{"model", "parameters",
-"usage", "timings"}]}`; then `data: [DONE]`. `: ping` comments keep a quiet stream open. An
-error after the stream started is an event `{"error": {...}}`, then `data: [DONE]`."""
+a finish `{"model", "prompt_index", "index", "text", "finish_reason", "completion_tokens"}`
+per output (its text is what post-processing held back, else "", and `postprocessed` names
+the options that changed the output); a summary `{"id", "object", "created", "usage",
+"results": [{"model", "parameters", "usage", "timings"}]}`; then `data: [DONE]`. `: ping`
+comments keep a quiet stream open. An error after the stream started is an event
+`{"error": {...}}`, then `data: [DONE]`."""
 
 
 class TokenizeResponseSchema(Schema):

@@ -25,6 +25,8 @@ from textgen.api.fields import (
     in_range,
 )
 from textgen.config import Settings
+from textgen.generation.postprocess import PostProcessing
+from textgen.generation.presets import PRESETS
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import (
     STRATEGIES,
@@ -126,6 +128,37 @@ class GenerateRequest:
     params: GenerationParams
     stream: bool
     timeout: float
+    postprocess: PostProcessing = PostProcessing()
+    preset: str | None = None
+    texts: tuple[str, ...] = ()  # the prompts as the client wrote them, before any preset
+
+    def prompt_text(self, index: int) -> str:
+        """What an echo of prompt ``index`` would repeat: its text (before any preset), or a
+        chat's last user message."""
+        prompt = self.prompts[index]
+        if prompt.messages:
+            users = [m.get("content") or "" for m in prompt.messages if m["role"] == "user"]
+            return str(users[-1]) if users else ""
+        return self.texts[index] if index < len(self.texts) else prompt.text or ""
+
+
+class PostProcessSchema(RequestSchema):
+    """Post-processing of each output's text, reported in `postprocessed` when it changed it."""
+
+    strip_prompt = StrictBoolean(
+        metadata={"description": "remove an echo of the prompt at the start of the output"}
+    )
+    drop_repeated_lines = StrictBoolean(
+        metadata={"description": "remove every line that repeats an earlier one"}
+    )
+    max_words = StrictInteger(
+        validate=validate.Range(min=1, max=100_000),
+        metadata={"description": "cut the output after this many words"},
+    )
+
+    @post_load
+    def make(self, data: dict[str, Any], **_: Any) -> PostProcessing:
+        return PostProcessing(**data)
 
 
 class GenerateSchema(SharedSchema):
@@ -146,6 +179,9 @@ class GenerateSchema(SharedSchema):
     num_return_sequences = StrictInteger(validate=in_range("num_return_sequences"))
     no_repeat_ngram_size = StrictInteger(validate=in_range("no_repeat_ngram_size"))
     do_sample = StrictBoolean()
+    repetition_stop = StrictInteger(validate=in_range("repetition_stop"))
+    postprocess = fields.Nested(PostProcessSchema)
+    preset = fields.String(validate=validate.OneOf(list(PRESETS)))
 
     @validates_schema
     def check_combinations(self, data: dict[str, Any], **_: Any) -> None:
@@ -159,6 +195,13 @@ class GenerateSchema(SharedSchema):
             raise ValidationError("each model may be named once", "models")
         if "prompt" not in data and "messages" not in data:
             raise ValidationError("a prompt (or chat messages) is required", "prompt")
+        if "preset" in data and ("messages" in data or data.get("chat")):
+            raise ValidationError(
+                "presets are for plain prompts to base models; chat uses the template",
+                "preset",
+            )
+        if data.get("repetition_stop") == 1:
+            raise ValidationError("must be 0 (off) or at least 2 repeats", "repetition_stop")
         if "messages" in data and data.get("chat") is False:
             raise ValidationError("messages are always chat; drop chat=false", "chat")
         if len(data.get("prompt", ())) > caps.max_prompts:
@@ -174,12 +217,19 @@ class GenerateSchema(SharedSchema):
 
     @post_load
     def make_request(self, data: dict[str, Any], **_: Any) -> GenerateRequest:
-        options: dict[str, Any] = {k: data.pop(k) for k in ("stream", "timeout") if k in data}
+        keys = ("stream", "timeout", "postprocess", "preset")
+        options: dict[str, Any] = {k: data.pop(k) for k in keys if k in data}
+        preset = PRESETS.get(options.get("preset", ""))
+        if preset is not None and preset.stop and "stop" not in data:
+            data["stop"] = list(preset.stop)
         params = resolve(data)
+        texts: tuple[str, ...] = ()
         if "messages" in data:
             prompts = [PromptInput(messages=chat_turns(data["messages"]))]
         else:
-            prompts = [PromptInput(text=t, chat=data.get("chat", False)) for t in data["prompt"]]
+            texts = tuple(data["prompt"])
+            written = [preset.apply(t) if preset else t for t in texts]
+            prompts = [PromptInput(text=t, chat=data.get("chat", False)) for t in written]
         models: list[str | None] = data.get("models") or [data.get("model")]
         return GenerateRequest(
             prompts=prompts,
@@ -187,6 +237,9 @@ class GenerateSchema(SharedSchema):
             params=params,
             stream=options.get("stream", False),
             timeout=self.deadline_s(options),
+            postprocess=options.get("postprocess", PostProcessing()),
+            preset=preset.name if preset else None,
+            texts=texts,
         )
 
 
