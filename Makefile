@@ -12,8 +12,10 @@ $(VENV)/.runtime: $(BIN)/python requirements.txt pyproject.toml deploy/install.s
 	deploy/install.sh $(BIN)/python
 	touch $@
 
-$(VENV)/.dev: $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml deploy/install.sh
+$(VENV)/.dev: $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml deploy/install.sh tests/js/package-lock.json
 	deploy/install.sh $(BIN)/python --dev
+	# axe-core, which the playground's tests inject into the page (from the npm registry).
+	npm ci --prefix tests/js --no-audit --no-fund --silent
 	touch $@ $(VENV)/.runtime
 
 setup: $(VENV)/.runtime

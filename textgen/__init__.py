@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app: settings, routes and their OpenAPI document, error handlers, and this
     worker's model registry."""
-    from textgen.api import generate, info, observe, tokenize, users
+    from textgen.api import generate, info, observe, playground, tokenize, users
     from textgen.api.access import BehindProxies, init_access
     from textgen.api.auth import init_auth
     from textgen.api.docs import init_docs
@@ -50,6 +50,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         api.register_blueprint(module.bp)
     if settings.auth == "jwt":
         api.register_blueprint(users.bp)
+    app.register_blueprint(playground.bp)  # a page, not an API route: not in the document
     if settings.auth != "none":
         # Swagger UI's "Authorize" button, and every route's documented credential.
         api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})

@@ -20,12 +20,13 @@ from textgen.config import Settings
 log = logging.getLogger(__name__)
 
 # Open without credentials: whether the server is up, its metrics (deploy/nginx keeps /metrics
-# from outside), and how to log in.
+# from outside), the playground's page and files (it asks for a key itself), and how to log in.
 OPEN_ENDPOINTS = {
     "info.get_health",
     "info.get_liveness",
     "info.get_readiness",
     "metrics.metrics",
+    "playground.index",
     "static",
     "users.issue_token",
     "users.register",
