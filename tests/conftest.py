@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -144,3 +146,28 @@ def wait_healthy(process: subprocess.Popen[str], url: str, seconds: float = 300)
             pass
         time.sleep(0.25)
     pytest.fail("gunicorn did not become healthy")
+
+
+# --- a real browser -------------------------------------------------------------------------
+def chromium_path() -> str:
+    """Debian's Chromium, which Playwright drives (it cannot download its own browsers)."""
+    found = shutil.which("chromium")
+    assert found, "Debian's chromium is needed (deploy/system.sh installs it)"
+    return found
+
+
+def local_only(page: Any) -> set[str | None]:
+    """Route every request the page sends through a check: one for 127.0.0.1 goes on, any
+    other is refused. The hosts seen are collected in the set returned."""
+    hosts: set[str | None] = set()
+
+    def watch(route: Any) -> None:
+        host = urlsplit(route.request.url).hostname
+        hosts.add(host)
+        if host == "127.0.0.1":
+            route.continue_()
+        else:
+            route.abort()
+
+    page.route("**/*", watch)
+    return hosts

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
-from tests.conftest import REPO
+from tests.conftest import REPO, chromium_path, local_only
 
 ARTIFACTS = Path(os.environ.get("TEXTGEN_TEST_ARTIFACTS", REPO / ".artifacts"))
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -114,26 +112,14 @@ def test_docs_pages_load_their_assets_from_textgen(client: FlaskClient) -> None:
 def test_docs_render_every_operation_in_chromium_offline(live: str, client: FlaskClient) -> None:
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed (apt-get install chromium; .ci/run does it)"
     count = len(operations(document(client)))
-    hosts: set[str | None] = set()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium)
+        browser = playwright.chromium.launch(executable_path=chromium_path())
         try:
             page = browser.new_page()
-
-            def watch(route: Any) -> None:
-                # Every request the browser sends passes here (one the page's Content-Security-
-                # Policy blocks never does); anything not for textgen is recorded and refused.
-                hosts.add(urlsplit(route.request.url).hostname)
-                if urlsplit(route.request.url).hostname == "127.0.0.1":
-                    route.continue_()
-                else:
-                    route.abort()
-
-            page.route("**/*", watch)
+            # A request the page's Content-Security-Policy blocks never reaches this check.
+            hosts = local_only(page)
             page.goto(f"{live}/docs")
             page.wait_for_selector(".opblock", timeout=60_000)
             assert page.locator(".opblock").count() == count

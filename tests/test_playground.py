@@ -6,16 +6,14 @@ accessibility audit; screenshots at desktop and phone width go to .artifacts/.""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import requests
 
-from tests.conftest import REPO, served, tiny_config
+from tests.conftest import REPO, chromium_path, local_only, served, tiny_config
 from tests.test_docs import ARTIFACTS
 from tests.tiny_models import save_tiny_gpt2, save_tiny_llama
 from textgen.auth.keystore import KeyStore
@@ -55,10 +53,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed (deploy/system.sh installs it)"
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium)
+        launched = playwright.chromium.launch(executable_path=chromium_path())
         yield launched
         launched.close()
 
@@ -68,17 +64,7 @@ def page(browser: Any, site: str) -> Iterator[Any]:
     # The page forbids eval, which Playwright's waiting uses; test_a_strict_policy checks it.
     context = browser.new_context(bypass_csp=True)
     opened = context.new_page()
-    hosts: set[str | None] = set()
-
-    def watch(route: Any) -> None:
-        # Every request the page sends passes here; one not for textgen is recorded and refused.
-        hosts.add(urlsplit(route.request.url).hostname)
-        if urlsplit(route.request.url).hostname == "127.0.0.1":
-            route.continue_()
-        else:
-            route.abort()
-
-    opened.route("**/*", watch)
+    hosts = local_only(opened)
     opened.goto(site)
     opened.wait_for_selector("input[data-kind=model]")
     yield opened

@@ -95,13 +95,18 @@ def keys() -> None:
     """API keys (TEXTGEN_AUTH=api_key): create, list, revoke."""
 
 
+def database_url() -> str:
+    """Where keys and users are kept (TEXTGEN_DATABASE_URL)."""
+    try:
+        return settings_from_env().database_url
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def key_store() -> Any:
     from textgen.auth.keystore import KeyStore
 
-    try:
-        return KeyStore(settings_from_env().database_url)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return KeyStore(database_url())
 
 
 @keys.command(name="create")
@@ -157,10 +162,7 @@ def users() -> None:
 def user_store() -> Any:
     from textgen.auth.users import UserStore
 
-    try:
-        return UserStore(settings_from_env().database_url)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return UserStore(database_url())
 
 
 @users.command(name="create")
