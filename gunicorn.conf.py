@@ -114,7 +114,8 @@ if _settings.log_format == "json":
         "root": {"level": _settings.log_level, "handlers": ["stderr"]},
         "loggers": {
             "gunicorn.error": {"level": loglevel.upper(), "handlers": [], "propagate": True},
-            "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+            # textgen.access has a line per request already.
+            "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
         },
     }
 

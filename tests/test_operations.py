@@ -360,7 +360,8 @@ def test_two_instances_behind_one_upstream(tmp_path: Path) -> None:
             if number == 4:
                 os.kill(processes[0].pid, signal.SIGKILL)
                 os.kill(worker, signal.SIGKILL)
-            answers.append(generate(url).status_code)
+            answer = generate(url)
+            answers.append(answer.status_code)
         # At most the request in flight on it when it died fails; every one after succeeds.
         assert answers.count(200) >= 19, answers
         assert answers[6:] == [200] * 14, answers
@@ -372,3 +373,28 @@ def test_two_instances_behind_one_upstream(tmp_path: Path) -> None:
             if process.poll() is None:
                 process.terminate()
                 process.wait(timeout=120)
+
+
+def test_a_reload_under_traffic_answers_every_request(tmp_path: Path) -> None:
+    """SIGHUP replaces the workers: the old one drains, the new one takes connections only once
+    its models are ready, so requests meanwhile wait a little rather than get a 503."""
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    process = gunicorn(server_env(tmp_path, port), log=log.open("w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(process, url, 180)
+        old = requests.get(f"{url}/livez", timeout=10).json()["pid"]
+        answers: list[int] = [generate(url).status_code for _ in range(3)]
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        pid = old
+        while pid == old or len(answers) < 15:
+            assert time.monotonic() < deadline, answers
+            answer = generate(url)
+            answers.append(answer.status_code)
+            pid = requests.get(f"{url}/livez", timeout=30).json()["pid"]
+        assert set(answers) == {200}, answers
+    finally:
+        process.terminate()
+        process.wait(timeout=120)

@@ -90,6 +90,7 @@ class TextgenWorker(ThreadWorker):
         self.in_flight = 0
         self.ready_mark: Path | None = None
         self.draining = False
+        self.stop_asked: float | None = None  # when a SIGTERM was put off (see handle_exit)
         # Set by the master's pre_fork hook: where ready workers leave a file named by pid.
         self.ready_dir: Path | None = None
 
@@ -269,6 +270,30 @@ class TextgenWorker(ThreadWorker):
             self.drain()
 
     # --- stopping -----------------------------------------------------------------------
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM. In a reload (SIGHUP) the master starts the new workers and stops the old
+        ones at once: while a new one is still loading its models, this one keeps serving
+        (for half of graceful_timeout at most), so that requests are not left to a worker that
+        can only answer 503. Otherwise it stops now."""
+        if self.stop_asked is None and self.successor_starting():
+            self.stop_asked = time.monotonic()
+            return
+        super().handle_exit(sig, frame)
+
+    def successor_starting(self) -> bool:
+        """Whether the master has another worker that is not ready yet (Linux: the master's
+        children, from /proc; the master forks the new workers before it stops the old)."""
+        if self.ready_dir is None:
+            return False
+        try:
+            children = Path(f"/proc/{self.ppid}/task/{self.ppid}/children").read_text().split()
+        except OSError:
+            return False
+        return any(
+            int(pid) != os.getpid() and not (self.ready_dir / pid).exists() and alive(int(pid))
+            for pid in children
+        )
+
     def drain(self) -> None:
         """The main loop has ended (SIGTERM, or recycled after max_requests): take no more
         connections, turn /readyz to 503, and let admitted requests finish. gunicorn waits
@@ -293,10 +318,15 @@ class TextgenWorker(ThreadWorker):
         return self.app_ready() or not self.others_ready()
 
     def notify(self) -> None:
-        """The heartbeat, once a second from the main loop: also leave the ready mark."""
+        """The heartbeat, once a second from the main loop: also leave the ready mark, and
+        stop when a put-off SIGTERM's successor is ready (or has taken too long)."""
         super().notify()
         if self.ready_mark is None and self.app_ready():
             self.mark_ready()
+        if self.stop_asked is not None:
+            waited = time.monotonic() - self.stop_asked
+            if not self.successor_starting() or waited > self.cfg.graceful_timeout / 2:
+                self.alive = False
 
     def app_ready(self) -> bool:
         registry = self.registry
