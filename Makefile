@@ -48,3 +48,8 @@ bench: setup-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## The container image built and run for real with podman (installs podman, builds the image).
+.PHONY: container-test
+container-test:
+	deploy/container/test.sh
