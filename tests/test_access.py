@@ -39,6 +39,12 @@ def test_only_listed_hosts_are_served(guarded: str) -> None:
     )
     assert evil.status_code == 400
     assert evil.json()["error"]["code"] == "host_not_allowed"
+    # Probes come by the pod's address or any name: they are answered whatever the Host.
+    for probe in ("/livez", "/readyz", "/health"):
+        answer = requests.get(f"{guarded}{probe}", headers={"Host": "10.1.2.3:8000"}, timeout=30)
+        assert answer.status_code == 200, probe
+    models = requests.get(f"{guarded}/models", headers={"Host": "10.1.2.3:8000"}, timeout=30)
+    assert models.status_code == 400
 
 
 def test_cors_for_listed_origins_only(guarded: str) -> None:

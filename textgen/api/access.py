@@ -16,6 +16,9 @@ from textgen.api.tracing import HEADER as REQUEST_ID
 from textgen.config import Settings
 
 
+PROBES = {"info.get_health", "info.get_liveness", "info.get_readiness"}
+
+
 def init_access(app: Flask, settings: Settings) -> None:
     """Refuse unlisted hosts (when listed), and answer CORS for the listed origins only."""
     if settings.allowed_hosts:
@@ -24,7 +27,11 @@ def init_access(app: Flask, settings: Settings) -> None:
         @app.before_request
         def check_host() -> None:
             # A page on evil.example that rebinds its name to 127.0.0.1 still sends
-            # "Host: evil.example": only the names this server goes by are served.
+            # "Host: evil.example": only the names this server goes by are served. Probes
+            # (a container's health check, Kubernetes' by the pod's address) say nothing
+            # a page could use, and may come by any name.
+            if request.endpoint in PROBES:
+                return
             name = host_name(request.host)
             if name.lower() not in allowed:
                 raise InvalidRequest(f"host {name!r} is not served here", code="host_not_allowed")
