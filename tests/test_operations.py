@@ -138,14 +138,25 @@ def test_metrics_are_summed_across_workers(stack: Stack) -> None:
             f"{stack.app}/generate", data="x", headers={"Content-Type": "text/plain"}
         )
         assert bad.status_code == 415
+    ok = {"route": "/generate", "method": "POST", "status": "200", "model_name": "tiny-llama"}
+
+    refused = {"route": "/generate", "method": "POST", "status": "415", "model_name": ""}
+
+    def counted() -> bool:  # a request is counted once its response has closed
+        now = samples(stack.app)
+        name = "textgen:http_requests_total"
+        return all(
+            value(now, name, **labels) - value(before, name, **labels) >= n
+            for labels, n in ((ok, 8), (refused, 2))
+        )
+
+    wait_until(counted, "the requests' metrics", 30)
     after = samples(stack.app)
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    ok = {"route": "/generate", "method": "POST", "status": "200", "model_name": "tiny-llama"}
     assert grew("textgen:http_requests_total", **ok) == 8
-    refused = {"route": "/generate", "method": "POST", "status": "415", "model_name": ""}
     assert grew("textgen:http_requests_total", **refused) == 2
     assert grew("textgen:request_rejections_total", reason="media_type") == 2
     model = {"model_name": "tiny-llama"}
