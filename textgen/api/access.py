@@ -15,7 +15,6 @@ from textgen.api.errors import InvalidRequest
 from textgen.api.tracing import HEADER as REQUEST_ID
 from textgen.config import Settings
 
-
 PROBES = {"info.get_health", "info.get_liveness", "info.get_readiness"}
 
 
