@@ -19,7 +19,7 @@ from textgen.api.streaming import sse_response, stream_events, wait_for
 from textgen.engine.events import Delta, Finished
 from textgen.engine.results import ModelResult, Result
 from textgen.engine.submission import Submission
-from textgen.generation.postprocess import TextFilter
+from textgen.generation.postprocess import TextFilter, processed
 
 bp = Blueprint("generate", __name__, description="Native generation: prompts x models x strategies")
 
@@ -64,11 +64,11 @@ def collect_generation(
     """Wait for every output; an empty body if the client left meanwhile (nobody reads it)."""
     if not wait_for(submission, sock):
         return {}
-    return response_body(submission.result(), Filters(body))
+    return response_body(submission.result(), body)
 
 
 class Filters:
-    """Each output's post-processing (none when the request asked for none)."""
+    """Each streamed output's post-processing (none when the request asked for none)."""
 
     def __init__(self, body: GenerateRequest) -> None:
         self.body = body
@@ -82,16 +82,6 @@ class Filters:
             prompt = self.body.prompt_text(prompt_index)
             self.filters[key] = TextFilter(self.body.postprocess, prompt)
         return self.filters[key]
-
-    def whole(self, model: str, output: Finished) -> tuple[str, list[str]]:
-        """An output's final text and the options that changed it."""
-        flt = self.of(model, output.prompt_index, output.index)
-        if flt is None:
-            return output.text, []
-        if not flt.raw and not flt.sent:  # not streamed: all of it at once
-            flt.push(output.text)
-            flt.finish()
-        return flt.sent, flt.changed
 
 
 def stream_generation(
@@ -120,8 +110,11 @@ def stream_generation(
         )
 
     def closing() -> dict[str, Any]:
-        summary = response_body(submission.result(), filters)
-        return {k: v for k, v in summary.items() if k != "results"} | summaries(summary)
+        # The texts went out as deltas: the summary has the rest, its results last.
+        summary = response_body(submission.result(), body, outputs=False)
+        return {k: v for k, v in summary.items() if k != "results"} | {
+            "results": summary["results"]
+        }
 
     return stream_events(submission, sock, ping_s, on_delta, on_finish, closing)
 
@@ -130,27 +123,26 @@ def output_key(model: str, event: Delta | Finished) -> dict[str, Any]:
     return {"model": model, "prompt_index": event.prompt_index, "index": event.index}
 
 
-def summaries(body: dict[str, Any]) -> dict[str, Any]:
-    """The per-model parts of a response without the texts (the stream already sent them)."""
-    return {"results": [{k: v for k, v in r.items() if k != "outputs"} for r in body["results"]]}
-
-
-def response_body(result: Result, filters: Filters) -> dict[str, Any]:
-    """The whole response (GenerationSchema), from the frozen results."""
+def response_body(result: Result, request: GenerateRequest, outputs: bool = True) -> dict[str, Any]:
+    """The whole response (GenerationSchema), from the frozen results (without the outputs
+    for a stream's summary)."""
     body: dict[str, Any] = {
         "id": f"gen-{uuid.uuid4().hex}",
         "object": "generation",
         "created": int(time.time()),
-        "results": [result_body(model, filters) for model in result.models],
+        "results": [result_body(model, request, outputs) for model in result.models],
         "usage": usage_body(result.usage),
     }
-    if filters.body.preset is not None:
-        body["preset"] = filters.body.preset
+    if request.preset is not None:
+        body["preset"] = request.preset
     return body
 
 
-def output_body(model: str, output: Finished, filters: Filters) -> dict[str, Any]:
-    text, changed = filters.whole(model, output)
+def output_body(output: Finished, request: GenerateRequest) -> dict[str, Any]:
+    text, changed = output.text, list[str]()
+    if request.postprocess.active:
+        prompt = request.prompt_text(output.prompt_index)
+        text, changed = processed(request.postprocess, prompt, output.text)
     body = {
         "prompt_index": output.prompt_index,
         "index": output.index,
@@ -163,11 +155,12 @@ def output_body(model: str, output: Finished, filters: Filters) -> dict[str, Any
     return body
 
 
-def result_body(result: ModelResult, filters: Filters) -> dict[str, Any]:
+def result_body(result: ModelResult, request: GenerateRequest, outputs: bool) -> dict[str, Any]:
     """One model's part of the response."""
-    return {
-        "model": result.model,
-        "outputs": [output_body(result.model, f, filters) for f in result.outputs],
+    part: dict[str, Any] = {"model": result.model}
+    if outputs:
+        part["outputs"] = [output_body(f, request) for f in result.outputs]
+    return part | {
         "parameters": dict(result.parameters),
         "usage": usage_body(result.usage),
         "timings": dataclasses.asdict(result.timings),
