@@ -11,11 +11,10 @@ from flask import Flask, request
 from flask_cors import CORS
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from textgen.api.auth import PROBES
 from textgen.api.errors import InvalidRequest
 from textgen.api.tracing import HEADER as REQUEST_ID
 from textgen.config import Settings
-
-PROBES = {"info.get_health", "info.get_liveness", "info.get_readiness"}
 
 
 def init_access(app: Flask, settings: Settings) -> None:

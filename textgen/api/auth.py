@@ -19,12 +19,11 @@ from textgen.config import Settings
 
 log = logging.getLogger(__name__)
 
-# Open without credentials: whether the server is up, its metrics (deploy/nginx keeps /metrics
-# from outside), the playground's page and files (it asks for a key itself), and how to log in.
-OPEN_ENDPOINTS = {
-    "info.get_health",
-    "info.get_liveness",
-    "info.get_readiness",
+# Whether the server is up: what load balancers, container health checks and Kubernetes ask.
+PROBES = {"info.get_health", "info.get_liveness", "info.get_readiness"}
+# Open without credentials: the probes, the metrics (deploy/nginx keeps /metrics from
+# outside), the playground's page and files (it asks for a key itself), and how to log in.
+OPEN_ENDPOINTS = PROBES | {
     "metrics.metrics",
     "playground.index",
     "static",
