@@ -9,6 +9,8 @@ At C=1 each server also gets its bandwidth ceiling: the weight bytes one token r
 
 Usage: python bench/throughput.py [--levels 1,4,16] [--requests-per-client 2] [--no-llama]
        [--dtypes float32,bfloat16,int8]
+       python bench/throughput.py --source DIR --gguf FILE [--dtypes int8]  (a model of
+       bench/shapes.py: textgen serves DIR, llama.cpp FILE, drafts off, no generate() anchor)
 """
 
 from __future__ import annotations
@@ -201,14 +203,22 @@ def embedded_gguf_path() -> Path:
     return embedded_gguf(make_spec("smollm2-135m-instruct"))
 
 
-def start_llama(port: int) -> subprocess.Popen[bytes]:
-    gguf = embedded_gguf_path()
+def start_llama(port: int, gguf: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["bash", str(ANCHOR), str(gguf), str(port), "-np", "16", "-c", "16384"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def served(source: Path | None, dtype: str | None) -> dict[str, str]:
+    """textgen's settings for a weight format of the embedded model or of ``source`` (whose
+    random weights make drafts meaningless: off)."""
+    if source is None:
+        return {} if dtype is None else {"TEXTGEN_MODELS": f"smollm2-135m-instruct#{dtype}"}
+    entry = {"name": source.name, "source": str(source), "dtype": dtype or "int8"}
+    return {"TEXTGEN_MODELS": json.dumps([entry]), "TEXTGEN_DRAFT_TOKENS": "0"}
 
 
 def main() -> None:
@@ -222,17 +232,21 @@ def main() -> None:
         action="store_true",
         help="also measure gunicorn's own gthread worker (the request path before textgen's)",
     )
+    parser.add_argument("--source", type=Path, help="a model directory (bench/shapes.py)")
+    parser.add_argument("--gguf", type=Path, help="llama.cpp's weights for --source")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "throughput.json")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    results = [generate_baseline()]
-    print(json.dumps(results[0]), flush=True)
+    results = [] if args.source else [generate_baseline()]
+    if results:
+        print(json.dumps(results[0]), flush=True)
+    gguf = args.gguf or embedded_gguf_path()
 
     # Without --dtypes: the default weight format; with it, one server per format.
-    variants: list[tuple[str, dict[str, str]]] = [
+    variants = [
         (
             "textgen" if dtype is None else f"textgen {dtype}",
-            {} if dtype is None else {"TEXTGEN_MODELS": f"smollm2-135m-instruct#{dtype}"},
+            served(args.source, dtype),
         )
         for dtype in (args.dtypes.split(",") if args.dtypes else [None])
     ]
@@ -251,7 +265,7 @@ def main() -> None:
 
     if not args.no_llama and ANCHOR.exists():
         port = free_port()
-        anchor = start_llama(port)
+        anchor = start_llama(port, gguf)
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", anchor)
             url = f"http://127.0.0.1:{port}/v1/completions"
@@ -259,7 +273,7 @@ def main() -> None:
                 "llama.cpp llama-server", url, llama_body, levels, args.requests_per_client
             )
             # Its GGUF holds every weight once (the output layer is the tied embedding).
-            results += with_weight_bytes(measured, embedded_gguf_path().stat().st_size)
+            results += with_weight_bytes(measured, gguf.stat().st_size)
         finally:
             stop(anchor)
 
@@ -271,6 +285,7 @@ def main() -> None:
             print(json.dumps(result), flush=True)
     report = {
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "model": str(args.source or "smollm2-135m-instruct"),
         "memory_read_gb_s": round(bandwidth / 1e9, 2),
         "python": platform.python_version(),
         "workload": f"greedy, {NEW_TOKENS} new tokens, EOS ignored, streaming, closed loop",

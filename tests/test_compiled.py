@@ -14,7 +14,7 @@ from tests.conftest import EMBEDDED_CACHE, tiny_config
 from tests.test_decode import tiny_qwen2
 from tests.test_engine import concurrently, post, text
 from tests.test_quantize import TEXT, perplexity
-from tests.tiny_models import save_tiny_llama
+from tests.tiny_models import save_tiny_llama, save_tiny_neox
 from textgen import create_app
 from textgen.config import ConfigError
 from textgen.engine.compiled import CompiledForward
@@ -173,13 +173,14 @@ def test_not_prepared_until_compiled(model_dirs: dict[str, Path], tmp_path: Path
 
 
 def test_no_program_for_other_formats_models_or_machines(
-    model_dirs: dict[str, Path], compiled_cache: Path, monkeypatch
+    model_dirs: dict[str, Path], compiled_cache: Path, tmp_path: Path, monkeypatch
 ) -> None:
     cache = ModelCache(compiled_cache)
     float32 = load_model(make_spec(str(model_dirs["tiny-llama"])), cache, compiled=True)
     assert float32.program is None  # only int8 weights are compiled
-    gpt2 = load_model(make_spec(str(model_dirs["tiny-gpt2"]), dtype="int8"), cache, compiled=True)
-    assert gpt2.program is None  # not Llama-shaped: transformers' forward
+    neox_spec = make_spec(str(save_tiny_neox(tmp_path / "neox")), dtype="int8")
+    neox = load_model(neox_spec, cache, compiled=True)
+    assert neox.program is None  # a family not written out: transformers' forward
     monkeypatch.setattr(compiled, "compiler_available", lambda: False)
     spec = make_spec(str(model_dirs["tiny-llama"]), dtype="int8")
     assert load_model(spec, cache, compiled=True).program is None  # no C++ compiler

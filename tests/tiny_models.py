@@ -9,8 +9,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -69,13 +73,16 @@ def save_tiny_llama(
     return path
 
 
-def save_tiny_gpt2(path: Path, seed: int = 1, max_positions: int = 64) -> Path:
-    """A 2-layer GPT-2 without a chat template and a short context."""
+def save_tiny_gpt2(
+    path: Path, seed: int = 1, max_positions: int = 64, blocks: bool = False
+) -> Path:
+    """A 2-layer GPT-2 without a chat template and a short context (with ``blocks``, 64 wide:
+    whole int4 blocks)."""
     tokenizer = build_tokenizer(chat_template=False)
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_embd=32,
+        n_embd=64 if blocks else 32,
         n_layer=2,
         n_head=2,
         n_positions=max_positions,
@@ -83,5 +90,42 @@ def save_tiny_gpt2(path: Path, seed: int = 1, max_positions: int = 64) -> Path:
         bos_token_id=tokenizer.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_phi(path: Path, seed: int = 2) -> Path:
+    """A 2-layer Phi: rotary embeddings on half of each head, attention and MLP side by side."""
+    tokenizer = build_tokenizer(chat_template=False)
+    torch.manual_seed(seed)
+    config = PhiConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        partial_rotary_factor=0.5,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    PhiForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_neox(path: Path) -> Path:
+    """A 2-layer GPT-NeoX: a family the compiled decoder has not written out."""
+    tokenizer = build_tokenizer(chat_template=False)
+    torch.manual_seed(3)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

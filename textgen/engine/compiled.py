@@ -8,6 +8,7 @@ import torch
 
 from textgen.engine.decode import rotary_tables
 from textgen.engine.kvcache import BatchCache
+from textgen.models.architecture import cache_shape, family
 
 
 class CompiledForward:
@@ -17,14 +18,23 @@ class CompiledForward:
     """
 
     def __init__(self, model: Any, program: Any) -> None:
-        inner = model.model
         self.program = program
-        self.embed = inner.embed_tokens
-        self.rotary = inner.rotary_emb
-        attention = inner.layers[0].self_attn
-        self.head_dim = attention.head_dim
-        self.kv_heads = model.config.num_key_value_heads
-        self.layers = len(inner.layers)
+        self.layers, self.kv_heads, self.head_dim = cache_shape(model.config)
+        self.model = model
+        self.learned_positions = family(model.config) == "gpt2"
+        if not self.learned_positions:
+            attention = model.model.layers[0].self_attn
+            self.rotary_dim = getattr(attention, "rotary_ndims", self.head_dim)
+
+    def embedded(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The program's inputs before the mask: the new tokens' embeddings and (families with
+        rotary embeddings) the rotary tables of their positions."""
+        if self.learned_positions:
+            inner = self.model.transformer
+            return (inner.wte(ids) + inner.wpe(positions),)
+        inner = self.model.model
+        cos, sin = rotary_tables(positions, inner.rotary_emb, self.rotary_dim)
+        return inner.embed_tokens(ids), cos, sin
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
@@ -52,8 +62,6 @@ class CompiledForward:
         columns = mask.shape[1]
         past = columns - tokens
         cache.make_room(self.layers, rows, self.kv_heads, self.head_dim, columns)
-        hidden = self.embed(ids)
-        cos, sin = rotary_tables(positions, self.rotary, self.head_dim)
         visible = mask.bool()[:, None, None, :]
         new = torch.arange(past, columns)
         if tokens > 1:
@@ -63,7 +71,7 @@ class CompiledForward:
             visible = (visible & (column <= new[:, None])) | (column == new[:, None])
         keys = [slot.key_buffer for slot in cache.slots]
         values = [slot.value_buffer for slot in cache.slots]
-        logits = self.program(hidden, cos, sin, visible, keys, values, new, wanted)
+        logits = self.program(*self.embedded(ids, positions), visible, keys, values, new, wanted)
         for slot in cache.slots:
             slot.set_length(columns)
         return logits

@@ -22,6 +22,9 @@ QUANTIZED = ("int8", "int4")
 # The computation of textgen/models/compiled.py's Program: bump when it changes, so packages
 # compiled from an older one are not loaded.
 COMPILED_FORMAT = 3
+# GPT-2's quantized weights: 2 since its Conv1D layers are quantized too (layers.linearize);
+# before, only its output layer was.
+CONV1D_FORMAT = 2
 # What writing into a cache mounted read-only (or owned by another user) fails with.
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -97,7 +100,10 @@ class ModelCache:
             place = str(model_dir.resolve())
             stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         layout = metadata.version("torch") if dtype == "int4" else ""
-        key = hashlib.sha256(json.dumps([place, stamp, layout]).encode()).hexdigest()[:16]
+        parts: list[Any] = [place, stamp, layout]
+        if model_type(model_dir) == "gpt2":  # Conv1D layers quantized too since format 2
+            parts.append(CONV1D_FORMAT)
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.pt"
 
     def compiled_path(self, model_dir: Path, dtype: str) -> Path:
@@ -160,6 +166,15 @@ class ModelCache:
                     }
                 )
         return out
+
+
+def model_type(model_dir: Path) -> str | None:
+    """config.json's model_type, or None where there is no readable config."""
+    try:
+        value = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def dir_size(path: Path) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from textgen.models import float16
 from textgen.models.cache import ModelCache
-from textgen.models.layers import linear_layers
+from textgen.models.layers import linear_layers, linearize
 from textgen.models.sources import ModelUnavailable, damaged
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
     if dtype == "bfloat16":
         model.to(torch.bfloat16)
         return
+    linearize(model)
     if dtype == "float16":
         if not float16.supported():
             raise ModelUnavailable(

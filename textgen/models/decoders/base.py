@@ -1,0 +1,123 @@
+"""What every written-out decoder shares: quantized matmuls (fused where layers read the same
+input), norms, and attention over the batch's KV cache buffers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from textgen.models.quantize import INT4_GROUP, Int4Linear, Int8Linear
+
+
+class Program(torch.nn.Module):
+    """A decoder's layers, final norm and output layer over ``tokens`` new positions per row,
+    with the weights of an int8 or int4 model (the embeddings are looked up outside).
+
+    The inputs every family takes: ``mask`` [rows, 1, tokens, columns] (True: may attend), per
+    layer the key and value buffers [rows, kv_heads, capacity, head_dim], ``columns_new``
+    [tokens]: the buffer columns the new keys and values go to (the last ones of the first
+    ``columns``), and ``wanted`` [keep]: the new positions whose logits are returned (the last
+    one for a step or a prefill, every one to check a draft). Output: logits [rows, keep,
+    vocabulary]. Families with rotary embeddings also take ``cos`` and ``sin`` [rows, tokens,
+    rotary_dim] (``sin`` with its first half negated, see engine/decode.py).
+    """
+
+    # The width of the rotary tables the program takes, or None (learned positions).
+    rotary_dim: int | None = None
+
+    def __init__(self, layers: int, heads: int, kv_heads: int, head_dim: int, width: int) -> None:
+        super().__init__()
+        self.layer_count, self.heads, self.kv_heads = layers, heads, kv_heads
+        self.head_dim, self.width = head_dim, width
+
+    @staticmethod
+    def projections(model: Any) -> list[Any]:
+        """Every projection of the decoder layers (the output layer apart)."""
+        raise NotImplementedError
+
+    def fuse(self, name: str, *linears: Int8Linear | Int4Linear) -> None:
+        """One matmul for layers that read the same input (exact: each output row keeps its
+        own weights and scales; int4 parts are whole blocks of 64 rows)."""
+        parts = [stored(linear) for linear in linears]
+        int4 = isinstance(linears[0], Int4Linear)  # scales and zero points [groups, rows, 2]
+        self.register_buffer(f"{name}_w", torch.cat([weight for weight, _ in parts]))
+        scale = torch.cat([scale for _, scale in parts], dim=1 if int4 else 0)
+        self.register_buffer(f"{name}_s", scale.contiguous())
+        biases = [linear.bias for linear in linears]
+        if any(bias is not None for bias in biases):
+            filled = [
+                bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])
+                for bias, (weight, _) in zip(biases, parts, strict=True)
+            ]
+            self.register_buffer(f"{name}_b", torch.cat(filled))
+
+    def keep_norm(self, name: str, norm: Any) -> None:
+        """A norm's weight (and a LayerNorm's bias) as buffers ``name`` and ``name_b``."""
+        self.register_buffer(name, norm.weight.detach())
+        if getattr(norm, "bias", None) is not None:
+            self.register_buffer(f"{name}_b", norm.bias.detach())
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        weight, scale = getattr(self, f"{name}_w"), getattr(self, f"{name}_s")
+        if weight.dtype == torch.uint8:  # int4, packed two to a byte
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, INT4_GROUP, scale)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, weight, scale)
+        out = out.float()
+        bias = getattr(self, f"{name}_b", None)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*shape[:-1], -1)
+
+    def rms_norm(self, x: torch.Tensor, name: str, eps: float) -> torch.Tensor:
+        weight = getattr(self, name)
+        return F.rms_norm(x, weight.shape, weight, eps)
+
+    def layer_norm(self, x: torch.Tensor, name: str, eps: float) -> torch.Tensor:
+        weight = getattr(self, name)
+        return F.layer_norm(x, weight.shape, weight, getattr(self, f"{name}_b"), eps)
+
+    def attend(
+        self,
+        index: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        columns_new: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write layer ``index``'s new keys and values ([rows, kv_heads, tokens, head_dim])
+        into its buffers and attend over the first ``columns``; out [rows, tokens, width]."""
+        rows, tokens, columns = query.shape[0], query.shape[2], mask.shape[-1]
+        key_buffer, value_buffer = keys[index], values[index]
+        key_buffer.index_copy_(2, columns_new, key)
+        value_buffer.index_copy_(2, columns_new, value)
+        out = F.scaled_dot_product_attention(
+            query,
+            key_buffer[:, :, :columns],
+            value_buffer[:, :, :columns],
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(rows, tokens, -1)
+
+
+def stored(linear: Int8Linear | Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized layer's weights (one row per output) and scales."""
+    if isinstance(linear, Int4Linear):
+        return linear.packed, linear.scale_zero
+    return linear.weight_int8, linear.scale
+
+
+def rotate(both: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embeddings over the last dimension of ``both`` [rows, tokens, heads, dim], with
+    ``cos`` and ``sin`` [rows, tokens, 1, dim] (``sin``'s first half negated)."""
+    return both * cos + both.roll(both.shape[-1] // 2, dims=-1) * sin
