@@ -26,6 +26,7 @@ class Program(torch.nn.Module):
 
     # The width of the rotary tables the program takes, or None (learned positions).
     rotary_dim: int | None = None
+    scale: float  # of the attention scores
 
     def __init__(self, layers: int, heads: int, kv_heads: int, head_dim: int, width: int) -> None:
         super().__init__()
@@ -108,6 +109,35 @@ class Program(torch.nn.Module):
             enable_gqa=True,
         )
         return out.transpose(1, 2).reshape(rows, tokens, -1)
+
+    def rotary_attention(
+        self,
+        index: int,
+        projected: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        columns_new: torch.Tensor,
+    ) -> torch.Tensor:
+        """Layer ``index``'s attention from its fused q/k/v projection [rows, tokens, (heads +
+        2 kv_heads) * head_dim], the first ``rotary_dim`` of each query and key head turned by
+        ``cos`` and ``sin`` [rows, tokens, 1, rotary_dim]; out [rows, tokens, width]."""
+        rows, tokens = projected.shape[0], projected.shape[1]
+        query_key = (self.heads + self.kv_heads) * self.head_dim
+        both = projected[..., :query_key].reshape(rows, tokens, -1, self.head_dim)
+        turned = self.rotary_dim
+        if turned == self.head_dim:
+            both = rotate(both, cos, sin)
+        else:  # partial rotary (Phi): the rest of each head passes as it is
+            both = torch.cat([rotate(both[..., :turned], cos, sin), both[..., turned:]], dim=-1)
+        query = both[:, :, : self.heads].transpose(1, 2)
+        key = both[:, :, self.heads :].transpose(1, 2)
+        value = projected[..., query_key:].reshape(rows, tokens, -1, self.head_dim)
+        return self.attend(
+            index, query, key, value.transpose(1, 2), mask, keys, values, columns_new, self.scale
+        )
 
 
 def stored(linear: Int8Linear | Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:

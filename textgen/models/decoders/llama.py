@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from textgen.models.decoders.base import Program, rotate
+from textgen.models.decoders.base import Program
 
 
 def projection_groups(layer: Any) -> dict[str, tuple[Any, ...]]:
@@ -67,29 +67,11 @@ class LlamaProgram(Program):
         columns_new: torch.Tensor,
         wanted: torch.Tensor,
     ) -> torch.Tensor:
-        rows, tokens = hidden.shape[0], hidden.shape[1]
-        query_key = (self.heads + self.kv_heads) * self.head_dim
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         for index in range(self.layer_count):
             x = self.rms_norm(hidden, f"norm_in{index}", self.eps)
             projected = self.linear(x, f"qkv{index}")
-            both = rotate(
-                projected[..., :query_key].reshape(rows, tokens, -1, self.head_dim), cos, sin
-            )
-            query = both[:, :, : self.heads].transpose(1, 2)
-            key = both[:, :, self.heads :].transpose(1, 2)
-            value = projected[..., query_key:].reshape(rows, tokens, -1, self.head_dim)
-            out = self.attend(
-                index,
-                query,
-                key,
-                value.transpose(1, 2),
-                mask,
-                keys,
-                values,
-                columns_new,
-                self.scale,
-            )
+            out = self.rotary_attention(index, projected, cos, sin, mask, keys, values, columns_new)
             hidden = hidden + self.linear(out, f"o{index}")
             x = self.rms_norm(hidden, f"norm_post{index}", self.eps)
             gate_up = self.linear(x, f"gate_up{index}")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from textgen.models.decoders.base import Program, rotate
+from textgen.models.decoders.base import Program
 
 
 class PhiProgram(Program):
@@ -64,29 +64,11 @@ class PhiProgram(Program):
         columns_new: torch.Tensor,
         wanted: torch.Tensor,
     ) -> torch.Tensor:
-        rows, tokens = hidden.shape[0], hidden.shape[1]
-        query_key = (self.heads + self.kv_heads) * self.head_dim
-        turned = self.rotary_dim
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         for index in range(self.layer_count):
             x = self.layer_norm(hidden, f"ln{index}", self.eps)
             projected = self.linear(x, f"qkv{index}")
-            both = projected[..., :query_key].reshape(rows, tokens, -1, self.head_dim)
-            both = torch.cat([rotate(both[..., :turned], cos, sin), both[..., turned:]], dim=-1)
-            query = both[:, :, : self.heads].transpose(1, 2)
-            key = both[:, :, self.heads :].transpose(1, 2)
-            value = projected[..., query_key:].reshape(rows, tokens, -1, self.head_dim)
-            out = self.attend(
-                index,
-                query,
-                key,
-                value.transpose(1, 2),
-                mask,
-                keys,
-                values,
-                columns_new,
-                self.scale,
-            )
+            out = self.rotary_attention(index, projected, cos, sin, mask, keys, values, columns_new)
             mlp = self.linear(
                 F.gelu(self.linear(x, f"fc{index}"), approximate="tanh"), f"proj{index}"
             )
