@@ -46,10 +46,13 @@ class Recorder(Protocol):
 
 
 class Recorders:
-    """Several recorders as one."""
+    """Several recorders as one (more can join later)."""
 
     def __init__(self, *recorders: Recorder) -> None:
-        self.recorders = recorders
+        self.recorders = list(recorders)
+
+    def add(self, recorder: Recorder) -> None:
+        self.recorders.append(recorder)
 
     def submitted(self) -> None:
         for r in self.recorders:

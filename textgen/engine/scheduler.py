@@ -69,16 +69,13 @@ class Engine:
     an event is posted (a request's last Finished releases its capacity, which takes the lock).
     """
 
-    def __init__(
-        self, runner: ModelRunner, limits: EngineLimits, recorder: Recorder | None = None
-    ) -> None:
+    def __init__(self, runner: ModelRunner, limits: EngineLimits) -> None:
         self.runner = runner
         self.limits = limits
-        # Its own record (/info's snapshot, Retry-After's speed), and any other (Prometheus).
+        # Its own record (/info's snapshot, Retry-After's speed), and any other (Prometheus)
+        # that ``also_record`` adds.
         self.metrics = EngineMetrics()
-        self.record: Recorder = (
-            self.metrics if recorder is None else Recorders(self.metrics, recorder)
-        )
+        self.record = Recorders(self.metrics)
         self._waiting: deque[RequestHandle] = deque()
         self._active: set[RequestHandle] = set()
         self._wake = threading.Condition(threading.Lock())
@@ -101,6 +98,10 @@ class Engine:
     @property
     def name(self) -> str:
         return self.runner.name
+
+    def also_record(self, recorder: Recorder) -> None:
+        """Report to ``recorder`` too, from now on (the warm-up is not the users' traffic)."""
+        self.record.add(recorder)
 
     def start(self) -> None:
         self._thread.start()

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 
 WORD = re.compile(r"\S+")
+# The options, in the order they apply (and are named in ``changed``).
+OPTIONS = ("strip_prompt", "drop_repeated_lines", "max_words")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,13 @@ class TextFilter:
         self.prompt = prompt.strip()
         self.raw = ""
         self.sent = ""
-        self.changed: list[str] = []
+        self.noted: set[str] = set()
+
+    @property
+    def changed(self) -> list[str]:
+        """The options that changed the text, in the order they apply (a stream may notice
+        them in another order than the whole text)."""
+        return [option for option in OPTIONS if option in self.noted]
 
     def push(self, delta: str) -> str:
         self.raw += delta
@@ -61,8 +69,7 @@ class TextFilter:
         return text
 
     def note(self, option: str) -> None:
-        if option not in self.changed:
-            self.changed.append(option)
+        self.noted.add(option)
 
     def without_prompt(self, text: str, final: bool) -> str:
         """The text after an echo of the prompt at its start (leading spaces aside)."""

@@ -98,12 +98,13 @@ class ModelRegistry:
                     spec, self.cache, self.settings.hub_probe_timeout, self.settings.compile
                 )
                 runner = ModelRunner(loaded, self.limits)
-                engine = Engine(runner, self.engine_limits, PrometheusRecorder(spec.name))
+                engine = Engine(runner, self.engine_limits)
                 LOAD_TIME.labels(spec.name).set(loaded.load_seconds)
                 engine.start()
                 if self.settings.warmup:
                     self._set("loading", f"warming up model {spec.name!r}")
                     warm_up(engine)
+                engine.also_record(PrometheusRecorder(spec.name))
                 with self._guard:
                     self._engines[spec.name] = engine
         except Exception as exc:
