@@ -21,8 +21,13 @@ def free_port() -> int:
 
 
 def start_textgen(port: int, **env: str) -> subprocess.Popen[bytes]:
-    """gunicorn serving textgen on ``port``, with only the given TEXTGEN_* settings."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
+    """gunicorn serving textgen on ``port``, with only the given TEXTGEN_* settings (and the
+    caller's TEXTGEN_MODEL_CACHE, where the models are prepared)."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TEXTGEN_") or k == "TEXTGEN_MODEL_CACHE"
+    }
     clean.update(env, TEXTGEN_BIND=f"127.0.0.1:{port}")
     return subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],

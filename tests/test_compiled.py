@@ -188,6 +188,24 @@ def test_no_program_for_other_formats_models_or_machines(
     assert is_prepared(spec, cache, compiled=True)  # nothing to compile without a compiler
 
 
+def test_deterministic_false_takes_the_fused_attention(
+    model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: LoadedModel
+) -> None:
+    fused = create_app(int8_config(model_dirs, compiled_cache, DETERMINISTIC=False))
+    client = fused.test_client()
+    assert client.get("/models").get_json()["models"][0]["compiled"] is True
+    body = {"prompt": "Hello", "max_new_tokens": 3, "strategy": "greedy"}
+    assert client.post("/generate", json=body).status_code == 200
+    cache = ModelCache(compiled_cache)
+    path = tiny_int8.prepared.path
+    assert cache.compiled_path(path, "int8", deterministic=False).is_file()
+    assert cache.compiled_path(path, "int8") != cache.compiled_path(path, "int8", False)
+    program = fused.extensions["textgen.registry"].engine(None).runner.loaded.program
+    assert_close_to_eager(tiny_int8.model, program)
+    with pytest.raises(ConfigError, match="TEXTGEN_DETERMINISTIC"):
+        create_app(int8_config(model_dirs, compiled_cache, DETERMINISTIC="maybe"))
+
+
 @pytest.fixture(scope="module")
 def compiled_app(model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: Any) -> Flask:
     """Drafts off: every token comes from a one-token step (test_drafts_checked_in_one_step)."""

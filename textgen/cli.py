@@ -42,12 +42,18 @@ def pull(sources: tuple[str, ...], force: bool) -> None:
                 click.echo(f"{spec.name}: deleted {path}")
         try:
             prepared = prepare(spec, cache, settings.hub_probe_timeout)
-            if not is_prepared(spec, cache, settings.compile):
+            if not is_prepared(spec, cache, settings.compile, settings.deterministic):
                 # Loading once writes the quantized weights and the compiled decoder into the
                 # cache (imports torch).
                 from textgen.models.loading import load_model
 
-                load_model(spec, cache, settings.hub_probe_timeout, settings.compile)
+                load_model(
+                    spec,
+                    cache,
+                    settings.hub_probe_timeout,
+                    settings.compile,
+                    settings.deterministic,
+                )
         except ModelUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"{spec.name}: ready in {prepared.path} ({spec.dtype})")

@@ -198,6 +198,12 @@ class Settings:
         "compile the decoder of int8 and int4 Llama-shaped models (once, into the cache; "
         "needs a C++ compiler)",
     )
+    deterministic: bool = setting(
+        f.Boolean(load_default=True),
+        "the compiled decoder's attention is batch-invariant: a request gives the same text "
+        "alone, in a batch or after a prefix-cache hit (false: PyTorch's fused attention, "
+        "faster; see Reproducible outputs)",
+    )
     # lm-evaluation-harness sends --batch_size prompts in one request (16 is common).
     max_prompts: int = setting(integer(64, 1, 256), "prompts per request")
     max_prompt_tokens: int = setting(integer(4096), "tokens per prompt")

@@ -20,8 +20,8 @@ MARKER = "textgen-source.json"
 # Weight formats prepared into quantized/ (the others are the model directory's own tensors).
 QUANTIZED = ("int8", "int4")
 # The computation of textgen/models/compiled.py's Program: bump when it changes, so packages
-# compiled from an older one are not loaded.
-COMPILED_FORMAT = 3
+# compiled from an older one are not loaded. 4: batch-invariant attention (decoders/base.py).
+COMPILED_FORMAT = 4
 # GPT-2's quantized weights: 2 since its Conv1D layers are quantized too (layers.linearize);
 # before, only its output layer was.
 CONV1D_FORMAT = 2
@@ -106,18 +106,18 @@ class ModelCache:
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         return self.root / "quantized" / f"{model_dir.name}-{key}-{dtype}.pt"
 
-    def compiled_path(self, model_dir: Path, dtype: str) -> Path:
+    def compiled_path(self, model_dir: Path, dtype: str, deterministic: bool = True) -> Path:
         """The compiled decoder of a model directory's int8 or int4 weights (textgen/models/
         compiled.py): keyed by those weights' cache file (its name and size), the torch
         version, the CPU's vector instruction sets (the code is built for them) and
-        COMPILED_FORMAT."""
+        COMPILED_FORMAT; one with PyTorch's fused attention (not ``deterministic``) is named
+        ``...-fused.pt2``."""
         weights = self.quantized_path(model_dir, dtype)
         size = weights.stat().st_size if weights.is_file() else 0
-        raw = json.dumps(
-            [weights.name, size, metadata.version("torch"), cpu_flags(), COMPILED_FORMAT]
-        ).encode()
-        key = hashlib.sha256(raw).hexdigest()[:16]
-        return self.root / "compiled" / f"{model_dir.name}-{key}-{dtype}.pt2"
+        parts = [weights.name, size, metadata.version("torch"), cpu_flags(), COMPILED_FORMAT]
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+        kind = "" if deterministic else "-fused"
+        return self.root / "compiled" / f"{model_dir.name}-{key}-{dtype}{kind}.pt2"
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:

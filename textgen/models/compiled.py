@@ -102,11 +102,13 @@ def example_inputs(program: Program, rows: int = 8, tokens: int = 2) -> tuple[An
     )
 
 
-def compile_program(model: Any, target: Path) -> None:
-    """Export and compile the model's Program into ``target`` (written whole, then renamed)."""
+def compile_program(model: Any, target: Path, deterministic: bool = True) -> None:
+    """Export and compile the model's Program into ``target`` (written whole, then renamed);
+    ``deterministic``: with batch-invariant attention (decoders/base.py ``attend``)."""
     from torch.export import Dim
 
     program = program_class(model)(model).eval()
+    program.invariant = deterministic
     rows, tokens = Dim("rows", min=1, max=4096), Dim("tokens", min=1, max=1 << 16)
     keep = Dim("keep", min=1, max=1 << 16)
     capacity, columns = Dim("capacity", min=2, max=1 << 20), Dim("columns", min=2, max=1 << 20)
@@ -131,7 +133,9 @@ def compile_program(model: Any, target: Path) -> None:
     os.replace(staging, target)
 
 
-def load_program(model: Any, model_dir: Path, dtype: str, cache: ModelCache) -> Any | None:
+def load_program(
+    model: Any, model_dir: Path, dtype: str, cache: ModelCache, deterministic: bool = True
+) -> Any | None:
     """The compiled program for ``model`` in ``dtype`` (compiled into the cache the first
     time), or None when the model or the machine cannot have one."""
     if not supports(model, dtype):
@@ -139,7 +143,7 @@ def load_program(model: Any, model_dir: Path, dtype: str, cache: ModelCache) -> 
     if not compiler_available():
         log.warning("no C++ compiler (c++ or $CXX): the %s decoder runs uncompiled, slower", dtype)
         return None
-    target = cache.compiled_path(model_dir, dtype)
+    target = cache.compiled_path(model_dir, dtype, deterministic)
     with cache.lock(f"compile-{target.name}"):
         if not target.is_file():
             log.info(
@@ -148,7 +152,7 @@ def load_program(model: Any, model_dir: Path, dtype: str, cache: ModelCache) -> 
                 dtype, model_dir.name,
             )  # fmt: skip
             started = time.monotonic()
-            compile_program(model, target)
+            compile_program(model, target, deterministic)
             log.info("compiled decoder written to %s (%.0f s)", target, time.monotonic() - started)
     try:
         return torch._inductor.aoti_load_package(str(target))

@@ -54,10 +54,15 @@ class LoadedModel:
 
 
 def load_model(
-    spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0, compiled: bool = False
+    spec: ModelSpec,
+    cache: ModelCache,
+    probe_timeout: float = 3.0,
+    compiled: bool = False,
+    deterministic: bool = True,
 ) -> LoadedModel:
     """Prepare (download/convert once) and load one model for inference on the CPU; with
-    ``compiled``, also its compiled decoder where the model has one (compiled once, cached)."""
+    ``compiled``, also its compiled decoder where the model has one (compiled once, cached;
+    ``deterministic``: with batch-invariant attention)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,7 +91,9 @@ def load_model(
     # Counted before int8 conversion, which gives a tied lm_head its own copy.
     parameters = sum(p.numel() for p in model.parameters())
     apply_dtype(model, spec.dtype, prepared.path, cache)
-    program = load_program(model, prepared.path, spec.dtype, cache) if compiled else None
+    program = None
+    if compiled:
+        program = load_program(model, prepared.path, spec.dtype, cache, deterministic)
     release_freed_memory()
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = configure_padding(tokenizer, eos_ids)

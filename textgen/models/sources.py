@@ -43,7 +43,11 @@ def forget(spec: ModelSpec, cache: ModelCache) -> list[Path]:
     path = prepared_dir(spec, cache)
     if path is None:
         return []
-    found = [cache.compiled_path(path, dtype) for dtype in QUANTIZED]
+    found = [
+        cache.compiled_path(path, dtype, deterministic)
+        for dtype in QUANTIZED
+        for deterministic in (True, False)
+    ]
     found += [cache.quantized_path(path, dtype) for dtype in QUANTIZED]
     if spec.kind in ("embedded", "gguf"):
         found.append(path)
@@ -76,7 +80,9 @@ def prepare(spec: ModelSpec, cache: ModelCache, probe_timeout: float = 3.0) -> P
     return hub_snapshot(spec, cache, probe_timeout)
 
 
-def is_prepared(spec: ModelSpec, cache: ModelCache, compiled: bool = False) -> bool:
+def is_prepared(
+    spec: ModelSpec, cache: ModelCache, compiled: bool = False, deterministic: bool = True
+) -> bool:
     """Whether loading would find everything on disk (no download, no conversion, no
     quantizing, and with ``compiled`` no compiling), found without importing torch."""
     try:
@@ -87,7 +93,7 @@ def is_prepared(spec: ModelSpec, cache: ModelCache, compiled: bool = False) -> b
             return False
         if compiled and spec.dtype in QUANTIZED and compiler_available():
             config = json.loads((path / "config.json").read_text())
-            package = cache.compiled_path(path, spec.dtype)
+            package = cache.compiled_path(path, spec.dtype, deterministic)
             return not compilable(config, spec.dtype) or package.is_file()
         return True
     except (ModelUnavailable, OSError, ValueError):

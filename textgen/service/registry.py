@@ -95,7 +95,11 @@ class ModelRegistry:
             for number, spec in enumerate(specs, 1):
                 self._set("loading", f"loading model {spec.name!r} ({number}/{len(specs)})")
                 loaded = load_model(
-                    spec, self.cache, self.settings.hub_probe_timeout, self.settings.compile
+                    spec,
+                    self.cache,
+                    self.settings.hub_probe_timeout,
+                    self.settings.compile,
+                    self.settings.deterministic,
                 )
                 runner = ModelRunner(loaded, self.limits)
                 engine = Engine(runner, self.engine_limits)

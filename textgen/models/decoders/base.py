@@ -26,6 +26,8 @@ class Program(torch.nn.Module):
 
     # The width of the rotary tables the program takes, or None (learned positions).
     rotary_dim: int | None = None
+    # Batch-invariant attention (``attend``); False: PyTorch's fused attention, faster and not.
+    invariant = True
     scale: float  # of the attention scores
 
     def __init__(self, layers: int, heads: int, kv_heads: int, head_dim: int, width: int) -> None:
@@ -95,20 +97,48 @@ class Program(torch.nn.Module):
         scale: float,
     ) -> torch.Tensor:
         """Write layer ``index``'s new keys and values ([rows, kv_heads, tokens, head_dim])
-        into its buffers and attend over the first ``columns``; out [rows, tokens, width]."""
+        into its buffers and attend over the first ``columns``; out [rows, tokens, width].
+
+        Batch-invariant: a row's result does not depend on the other rows, on how many tokens
+        the step computes, or on how many padding columns precede the row's own (rows are
+        right-aligned in the buffers), so a request gives the same text alone, in a batch, or
+        after a prefix-cache hit. PyTorch's fused attention is not: its sums over the columns
+        go in blocks and vector lanes that start at column 0, so they group a row's terms
+        differently when padding shifts them. Here each sum runs column by column:
+        ``p @ values`` (the matmul's inner loop is sequential over columns, so leading zero
+        weights add nothing) and a cumulative sum for the softmax denominator. The query rows
+        of each key/value head get 8 zero rows below them: with fewer than about 6 rows the
+        matmul takes another kernel, whose results depend on where the columns start (decode
+        steps have ``heads / kv_heads`` rows). Its cost is in bench/RESULTS.md ("Reproducible
+        outputs"); ``invariant = False`` (TEXTGEN_DETERMINISTIC=false) takes the fused
+        attention instead."""
         rows, tokens, columns = query.shape[0], query.shape[2], mask.shape[-1]
         key_buffer, value_buffer = keys[index], values[index]
         key_buffer.index_copy_(2, columns_new, key)
         value_buffer.index_copy_(2, columns_new, value)
-        out = F.scaled_dot_product_attention(
-            query,
-            key_buffer[:, :, :columns],
-            value_buffer[:, :, :columns],
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        return out.transpose(1, 2).reshape(rows, tokens, -1)
+        if not self.invariant:
+            out = F.scaled_dot_product_attention(
+                query,
+                key_buffer[:, :, :columns],
+                value_buffer[:, :, :columns],
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=True,
+            )
+            return out.transpose(1, 2).reshape(rows, tokens, -1)
+        groups = self.heads // self.kv_heads
+        # [rows, kv_heads, tokens x groups, head_dim]: a kv head's queries, token by token.
+        grouped = query.transpose(1, 2).unflatten(2, (self.kv_heads, groups))
+        grouped = grouped.permute(0, 2, 1, 3, 4).flatten(2, 3)
+        padded = torch.cat([grouped, grouped.new_zeros(rows, self.kv_heads, 8, self.head_dim)], 2)
+        scores = torch.matmul(padded, key_buffer[:, :, :columns].transpose(-1, -2))
+        scores = scores[:, :, : tokens * groups].unflatten(2, (tokens, groups)) * scale
+        scores = scores.masked_fill(~mask[:, :, :, None], float("-inf"))
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)).flatten(2, 3)
+        total = weights.cumsum(-1)[..., -1:]
+        out = torch.matmul(weights, value_buffer[:, :, :columns]) / total
+        out = out.unflatten(2, (tokens, groups)).permute(0, 2, 1, 3, 4)
+        return out.reshape(rows, tokens, -1)
 
     def rotary_attention(
         self,
