@@ -75,6 +75,11 @@ def embedded_client(embedded_app: Flask) -> Iterator[FlaskClient]:
     yield embedded_app.test_client()
 
 
+def engine_counters(site: str, model: str) -> dict[str, Any]:
+    """A served model's engine counters, from ``/info``."""
+    return dict(requests.get(f"{site}/info", timeout=30).json()["engines"][model])
+
+
 def serve(app: Flask) -> Iterator[str]:
     """The app on a real HTTP server on loopback (werkzeug, threaded): its base URL."""
     server = make_server("127.0.0.1", 0, app, threaded=True)

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REPO, chromium_path, local_only, served, tiny_config
+from tests.conftest import (
+    REPO,
+    chromium_path,
+    engine_counters,
+    local_only,
+    served,
+    tiny_config,
+)
 from tests.test_docs import ARTIFACTS
 from tests.tiny_models import save_tiny_gpt2, save_tiny_llama
 from textgen.auth.keystore import KeyStore
@@ -126,10 +133,6 @@ def test_compare_streams_four_columns_at_once(page: Any) -> None:
     assert len(spans) == 4
     # Every column was still updating after every other one had started: they streamed together.
     assert max(first for first, _ in spans) < min(last for _, last in spans)
-
-
-def engine_counters(site: str, model: str) -> dict[str, Any]:
-    return dict(requests.get(f"{site}/info", timeout=30).json()["engines"][model])
 
 
 def test_stop_cancels_on_the_server(page: Any, site: str) -> None:

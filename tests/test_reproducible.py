@@ -15,7 +15,7 @@ import requests
 import torch
 from flask import Flask
 
-from tests.conftest import serve
+from tests.conftest import engine_counters, serve
 from textgen.engine.compiled import CompiledForward
 from textgen.engine.kvcache import BatchCache
 from textgen.models.loading import LoadedModel
@@ -29,6 +29,7 @@ README_SEEDED = {
     "seed": 42,
     "max_new_tokens": 40,
 }
+MODEL = "smollm2-135m-instruct"
 OTHERS = [
     "Once upon a time",
     "List the planets of the solar system, from the closest to the sun to the farthest one",
@@ -59,14 +60,6 @@ def text_of(result: dict[str, Any]) -> str:
     return result["results"][0]["outputs"][0]["text"]  # type: ignore[no-any-return]
 
 
-def running(url: str) -> int:
-    return int(
-        requests.get(f"{url}/info", timeout=30).json()["engines"]["smollm2-135m-instruct"][
-            "running"
-        ]
-    )
-
-
 def test_logits_do_not_depend_on_splits_padding_or_batch(loaded: LoadedModel) -> None:
     forward = CompiledForward(loaded.model, loaded.program)
     prompt = loaded.tokenizer.encode(
@@ -78,7 +71,11 @@ def test_logits_do_not_depend_on_splits_padding_or_batch(loaded: LoadedModel) ->
     ones = torch.ones(1, n, dtype=torch.long)
     ids, positions = torch.tensor([prompt]), torch.arange(n)[None]
     with torch.inference_mode():
-        whole = forward(ids, positions, ones, BatchCache())
+        alone = BatchCache()
+        whole = forward(ids, positions, ones, alone)
+        # One decode step of the best token, alone; below, the same step beside other rows.
+        token = torch.tensor([[int(whole.argmax())]])
+        step = forward(token, torch.tensor([[n]]), torch.ones(1, n + 1, dtype=torch.long), alone)
         for split in (1, n // 2, n - 1):  # a prefix-cache hit prefills the rest alone
             cache = BatchCache()
             forward(ids[:, :split], positions[:, :split], ones[:, :split], cache)
@@ -91,13 +88,6 @@ def test_logits_do_not_depend_on_splits_padding_or_batch(loaded: LoadedModel) ->
             cache = BatchCache()
             first = forward(batch, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache)
             assert torch.equal(first[:1], whole), f"prefill padded by {pad} in {rows} rows"
-            # Then one decode step of the same token, beside the others.
-            alone = BatchCache()
-            forward(ids, positions, ones, alone)
-            token = torch.tensor([[int(whole.argmax())]])
-            step = forward(
-                token, torch.tensor([[n]]), torch.ones(1, n + 1, dtype=torch.long), alone
-            )
             steps = forward(
                 token.repeat(rows, 1),
                 torch.tensor([[n]] + [[n + pad]] * (rows - 1)),
@@ -143,11 +133,11 @@ def test_the_same_text_alone_and_inside_a_batch_of_16(url: str, body: dict[str, 
     for thread in others:
         thread.start()
     deadline = time.monotonic() + 120
-    while running(url) < 15:
+    while engine_counters(url, MODEL)["running"] < 15:
         assert time.monotonic() < deadline, "the other requests did not start"
         time.sleep(0.05)
     batched = generate(url, body)
-    during = running(url)
+    during = engine_counters(url, MODEL)["running"]
     for thread in others:
         thread.join(300)
     assert during >= 15, "the others were still decoding when it finished"
