@@ -201,17 +201,63 @@ def test_a_request_that_would_wait_for_a_thread_is_a_429_at_once(server: str) ->
         time.sleep(0.2)
 
 
+def test_a_full_queue_is_refused_by_the_worker_before_a_thread_takes_it(tmp_path: Path) -> None:
+    # Two streams fill the queue for as long as the test needs: 30,000 tokens each.
+    save_tiny_llama(tmp_path / "tiny-llama", max_positions=32768)
+    env = {"TEXTGEN_MAX_QUEUE": "2", "TEXTGEN_MAX_BATCH": "1", "GUNICORN_THREADS": "8"}
+    process, url, log = start(tmp_path, TEXTGEN_MAX_NEW_TOKENS="30000", **env)
+    body = json.dumps({"prompt": "Hi", "max_new_tokens": 30000, "ignore_eos": True, "stream": True})
+    streams = [connect(url) for _ in range(2)]
+    try:
+        for sock in streams:
+            sock.sendall(GENERATE + f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        for sock in streams:
+            assert sock.recv(12) == b"HTTP/1.1 200"
+        for route in ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses"):
+            refused = requests.post(f"{url}{route}", json={"prompt": "Hi"}, timeout=30)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert "retry after" in refused.json()["error"]["message"]
+            assert int(refused.headers["Retry-After"]) >= 1
+            # Answered by the worker's main loop: the app sets X-Request-ID on every answer.
+            assert "X-Request-ID" not in refused.headers
+        # The rest of the API is served as usual, and the refusals are counted.
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+        assert requests.post(f"{url}/tokenize", json={"prompt": "Hi"}, timeout=30).ok
+        metrics = requests.get(f"{url}/metrics", timeout=30).text
+        assert 'textgen:request_rejections_total{reason="queue_full"} 4.0' in metrics
+        assert (
+            'textgen:http_requests_total{method="POST",model_name="",route="/v1/responses",'
+            'status="429"} 1.0'
+        ) in metrics
+    finally:
+        for sock in streams:
+            sock.close()
+        stop(process)
+    # Each refusal has its access line, as the app's own answers do.
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    refused = [line for line in lines if line.get("status") == 429]
+    assert [line["route"] for line in refused] == [
+        "/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses"
+    ]  # fmt: skip
+    assert all(line["error"] == "queue_full" and line["client"] for line in refused)
+
+
 def test_a_reloading_worker_takes_no_traffic_while_another_is_ready(tmp_path: Path) -> None:
     process, url, log = start(tmp_path, GUNICORN_WORKERS="2")
     try:
         # /health answers once one worker is ready; the other may still be loading (and then
         # takes no connections). Both must be ready, or killing the first leaves only a
         # loading worker, which rightly answers 503 until it is ready.
+        # A worker lists its engines in /info once its models are ready (a loading worker may
+        # answer /info too: at a first start no worker is ready, and every one accepts).
         pids: set[int] = set()
         deadline = time.monotonic() + 120
         while len(pids) < 2:
             assert time.monotonic() < deadline, "the second worker never became ready"
-            pids.add(requests.get(f"{url}/info", timeout=10).json()["pid"])
+            info = requests.get(f"{url}/info", timeout=10).json()
+            if info["engines"]:
+                pids.add(info["pid"])
         os.kill(pids.pop(), signal.SIGKILL)
         statuses: list[int] = []
         seen: set[int] = set()

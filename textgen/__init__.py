@@ -17,7 +17,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from textgen.api import generate, info, observe, playground, tokenize, users
     from textgen.api.access import BehindProxies, init_access
     from textgen.api.auth import init_auth
-    from textgen.api.docs import init_docs
+    from textgen.api.docs import generation_paths, init_docs
     from textgen.api.errors import register_error_handlers
     from textgen.api.limits import init_limits
     from textgen.api.tracing import init_request_ids
@@ -51,6 +51,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if settings.auth == "jwt":
         api.register_blueprint(users.bp)
     app.register_blueprint(playground.bp)  # a page, not an API route: not in the document
+    # The worker refuses these itself while every model's queue is full (server/worker.py).
+    app.extensions["textgen.generation_paths"] = generation_paths(app)
     if settings.auth != "none":
         # Swagger UI's "Authorize" button, and every route's documented credential.
         api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})

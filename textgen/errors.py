@@ -66,9 +66,16 @@ def context_exceeded(
 class QueueFull(Exception):
     """The engine holds as much work as it may; try again after ``retry_after`` seconds."""
 
+    code = "queue_full"
+
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @property
+    def detail(self) -> str:
+        """What the client is told (the app's 429 and the worker's own say the same)."""
+        return f"{self}; retry after {self.retry_after} s"
 
 
 # An absolute path: a slash-led run of path characters with at least two components.

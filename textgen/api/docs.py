@@ -106,11 +106,26 @@ class Blueprint(flask_smorest.Blueprint):
 
         return decorate
 
+    def generates(self, view: Any) -> Any:
+        """Mark a route that generates (a full engine queue refuses it before a thread takes
+        it: see ``generation_paths``) and document its errors."""
+        view.generates = True
+        return self.errors(*GENERATES)(view)
+
     def streams(self, events: str, example: str) -> Callable[[Any], Any]:
         """Document the text/event-stream form of a 200 (``"stream": true``)."""
         content = {"text/event-stream": {"schema": {"type": "string"}, "example": example}}
         description = 'The JSON response; with `"stream": true`, ' + events[0].lower() + events[1:]
         return self.doc(responses={200: {"description": description, "content": content}})
+
+
+def generation_paths(app: Flask) -> frozenset[str]:
+    """The paths of the routes marked ``generates``."""
+    return frozenset(
+        rule.rule
+        for rule in app.url_map.iter_rules()
+        if getattr(app.view_functions[rule.endpoint], "generates", False)
+    )
 
 
 class Api(flask_smorest.Api):

@@ -131,8 +131,8 @@ def to_api_error(exc: Exception) -> APIError:
         return InvalidRequest(str(exc), exc.param, exc.code)
     if isinstance(exc, QueueFull):
         return RateLimited(
-            f"{exc}; retry after {exc.retry_after} s",
-            code="queue_full",
+            exc.detail,
+            code=exc.code,
             headers={"Retry-After": str(exc.retry_after)},
         )
     raise TypeError(exc)

@@ -12,7 +12,7 @@ from typing import Any
 from flask import Response, request
 
 from textgen.api import current_engine, current_registry, submit
-from textgen.api.docs import GENERATES, Blueprint
+from textgen.api.docs import Blueprint
 from textgen.api.responses import GENERATION_EVENTS, GenerationSchema, usage_body
 from textgen.api.schemas import GenerateRequest, GenerateSchema
 from textgen.api.streaming import sse_response, stream_events, wait_for
@@ -39,7 +39,7 @@ STREAM_EXAMPLE = (
 @bp.arguments(GenerateSchema, example=EXAMPLE)
 @bp.response(200, GenerationSchema)
 @bp.streams(GENERATION_EVENTS, STREAM_EXAMPLE)
-@bp.errors(*GENERATES)
+@bp.generates
 def create_generation(body: GenerateRequest) -> Response | dict[str, Any]:
     """Generate text for each prompt with each model.
 

@@ -7,6 +7,8 @@ import logging
 import queue
 import threading
 import time
+import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, request
@@ -115,8 +117,34 @@ class Observer:
 OBSERVER = Observer()
 
 
+def observe_refusal(
+    app: Flask, method: str, path: str, status: int, client: str, code: str, duration_s: float
+) -> None:
+    """A request that textgen's gunicorn worker answered itself (server/worker.py: a full
+    queue, every thread busy, a body too large or too slow): logged and counted as any other.
+    Its route is the app's rule for the path, so that a client cannot make up metric labels."""
+    try:
+        rule, _ = app.url_map.bind("localhost").match(path, method, return_rule=True)
+        route = rule.rule
+    except Exception:  # not a route of the app, or not a path at all
+        route = "(unmatched)"
+    line: dict[str, Any] = {
+        "request_id": uuid.uuid4().hex,
+        "method": method if route != "(unmatched)" else "-",
+        "route": route,
+        "status": status,
+        "client": client,
+        "principal": None,
+        "error": code,
+        "duration_s": round(duration_s, 4),
+    }
+    OBSERVER.put(line, [], code if status == 429 else REASONS.get(status))
+
+
 def init_observe(app: Flask, log_prompts: bool) -> None:
-    """Log and count every request when its response is closed."""
+    """Log and count every request when its response is closed (and those the worker refuses
+    itself, through ``app.extensions["textgen.refused"]``)."""
+    app.extensions["textgen.refused"] = partial(observe_refusal, app)
 
     @app.before_request
     def start_clock() -> None:

@@ -152,6 +152,11 @@ class Engine:
             if len(self._active) >= self.limits.max_requests:
                 raise self._full(self._pending_tokens(), 0)
 
+    def has_room(self) -> bool:
+        """Whether a request could join now (not counted as a refusal when it cannot)."""
+        with self._wake:
+            return len(self._active) < self.limits.max_requests
+
     def drain_seconds(self) -> int:
         """Seconds until the first request running now finishes, from the measured speed (1 at
         least): when a worker whose threads are all taken has one free again."""

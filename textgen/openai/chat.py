@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Response
 
-from textgen.api.docs import GENERATES, Blueprint
+from textgen.api.docs import Blueprint
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.results import ModelResult
 from textgen.openai.protocol import ChatCompletionSchema, OpenAIRequest
@@ -33,7 +33,7 @@ STREAM_EXAMPLE = (
 @bp.arguments(ChatCompletionSchema, example=EXAMPLE)
 @bp.response(200, ChatCompletionResponseSchema)
 @bp.streams(CHAT_EVENTS, STREAM_EXAMPLE)
-@bp.errors(*GENERATES)
+@bp.generates
 def create_chat_completion(body: OpenAIRequest) -> Response | dict[str, Any]:
     """Answer a conversation through the model's chat template, whole or streamed.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Response
 
-from textgen.api.docs import GENERATES, Blueprint
+from textgen.api.docs import Blueprint
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.results import ModelResult
 from textgen.openai.protocol import CompletionSchema, OpenAIRequest
@@ -31,7 +31,7 @@ STREAM_EXAMPLE = (
 )
 @bp.response(200, CompletionResponseSchema)
 @bp.streams(COMPLETION_EVENTS, STREAM_EXAMPLE)
-@bp.errors(*GENERATES)
+@bp.generates
 def create_completion(body: OpenAIRequest) -> Response | dict[str, Any]:
     """Complete a prompt (OpenAI's legacy completions API), whole or streamed.
 

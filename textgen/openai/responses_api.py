@@ -11,7 +11,7 @@ from typing import Any
 from flask import Response, request
 
 from textgen.api import current_engine, current_registry, submit
-from textgen.api.docs import GENERATES, Blueprint
+from textgen.api.docs import Blueprint
 from textgen.api.streaming import follow, sse_response
 from textgen.engine.events import Delta, Failed, Finished
 from textgen.engine.results import Usage
@@ -39,7 +39,7 @@ STREAM_EXAMPLE = (
 )
 @bp.response(200, ResponseObjectSchema)
 @bp.streams(RESPONSE_EVENTS, STREAM_EXAMPLE)
-@bp.errors(*GENERATES)
+@bp.generates
 def create_response(body: OpenAIRequest) -> Response | dict[str, Any]:
     """Answer an input (a string or message items) with optional instructions and tools.
 

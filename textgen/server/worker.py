@@ -19,7 +19,7 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from textgen.errors import TYPES_BY_STATUS, error_body
-from textgen.server.framing import expects_continue, judge
+from textgen.errors import TYPES_BY_STATUS, QueueFull, error_body
+from textgen.server.framing import Framer
 
 READ_CHUNK = 64 * 1024
+ACCEPT_BATCH = 64
 DEFAULT_READ_TIMEOUT = 30.0
 LINGER_S = 2.0
 # Before graceful_timeout, the time to end what still runs and send each its last event.
@@ -72,10 +73,12 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 
 @dataclass
 class Reading:
-    """A request being received: its bytes so far and when it must be complete."""
+    """A request being received: its framing so far, and when it began and must be
+    complete."""
 
+    started: float
     deadline: float
-    data: bytearray = field(default_factory=bytearray)
+    framer: Framer
     continued: bool = False  # "100 Continue" sent
 
 
@@ -87,7 +90,8 @@ class TextgenWorker(ThreadWorker):
         self.reading: dict[Any, Reading] = {}
         self.lingering: dict[Any, float] = {}  # refused, until the client stops sending
         self.buffered = 0
-        self.in_flight = 0
+        self.in_flight = 0  # requests handed to threads and not yet returned from them
+        self.counting = threading.Lock()
         self.ready_mark: Path | None = None
         self.draining = False
         self.stop_asked: float | None = None  # when a SIGTERM was put off (see handle_exit)
@@ -126,22 +130,34 @@ class TextgenWorker(ThreadWorker):
         return max(64 << 20, 8 * self.max_body)
 
     # --- receiving whole requests -----------------------------------------------------
+    def accept(self, listener: Any) -> None:
+        """Accept every connection waiting (up to ACCEPT_BATCH), not one per wake-up of the
+        loop: each pass of the loop waits for the GIL behind the request threads, so under a
+        burst of clients one connection a pass left the rest waiting in the backlog for a
+        second and more."""
+        for _ in range(ACCEPT_BATCH):
+            accepted = self.nr_conns
+            super().accept(listener)
+            if self.nr_conns == accepted or self.nr_conns >= self.worker_connections:
+                return
+
     def enqueue_req(self, conn: Any) -> None:
         if self.cfg.is_ssl:  # TLS ends at the proxy; a TLS socket is read the stock way
             self.hand_over(conn)
             return
-        reading = Reading(time.monotonic() + self.read_timeout)
-        if conn.parser is not None:  # read ahead by the last request on this connection
-            reading.data += conn.parser.unreader.take_buffered()
+        now = time.monotonic()
+        reading = Reading(now, now + self.read_timeout, Framer(self.max_body))
         self.reading[conn] = reading
-        self.buffered += len(reading.data)
         conn.sock.setblocking(False)
-        if reading.data and self.judge(conn):
-            return
+        if conn.parser is not None:  # read ahead by the last request on this connection
+            ahead = conn.parser.unreader.take_buffered()
+            if ahead and self.judge(conn, ahead):
+                return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_readable, conn))
+        if conn.parser is None:  # a new connection: its request has most often arrived with it
+            self.on_readable(conn, conn.sock)
 
     def on_readable(self, conn: Any, _sock: Any) -> None:
-        reading = self.reading[conn]
         try:
             data = conn.sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -154,26 +170,29 @@ class TextgenWorker(ThreadWorker):
         if self.buffered + len(data) > self.buffer_budget:
             self.refuse(conn, 503, "the server is receiving too much at once; try again", 1)
             return
-        reading.data += data
-        self.buffered += len(data)
-        self.judge(conn)
+        self.judge(conn, data)
 
-    def judge(self, conn: Any) -> bool:
-        """Act on a request received so far; whether it left the reading state."""
+    def judge(self, conn: Any, data: bytes) -> bool:
+        """Act on a request once ``data`` has arrived; whether it left the reading state."""
         reading = self.reading[conn]
-        verdict = judge(bytes(reading.data), self.max_body)
+        self.buffered += len(data)
+        verdict = reading.framer.feed(data)
         if verdict.status is not None:
             self.refuse(conn, verdict.status, verdict.message)
             return True
         if not verdict.complete:
-            if not reading.continued and expects_continue(bytes(reading.data)):
+            if not reading.continued and reading.framer.expects_continue:
                 reading.continued = True
                 util.write_nonblock(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
             return False
         self.stop_reading(conn)
+        full = self.queue_full(reading.framer)
+        if full is not None:
+            self.answer(conn, reading, 429, full.detail, full.retry_after, full.code)
+            return True
         if self.in_flight >= self.cfg.threads:
             message = "every request thread of this worker is busy; try again"
-            self.answer(conn, 429, message, self.retry_after())
+            self.answer(conn, reading, 429, message, self.retry_after())
             return True
         conn.init()
         conn.parser.unreader.unread(verdict.data)
@@ -181,35 +200,80 @@ class TextgenWorker(ThreadWorker):
         self.hand_over(conn)
         return True
 
+    def queue_full(self, framer: Framer) -> QueueFull | None:
+        """The registry's refusal of a generation request while every model's
+        queue is full, or None. Answered here, it costs the main loop a fraction of a
+        millisecond; through a request thread, the app's parse and checks among dozens of
+        streaming threads took a second (bench/RESULTS.md, reliability probes)."""
+        method, path = framer.method_and_path
+        paths = getattr(self.wsgi, "extensions", {}).get("textgen.generation_paths", ())
+        registry = self.registry
+        if method != b"POST" or registry is None or path.decode("latin-1") not in paths:
+            return None
+        try:
+            return registry.refusal()
+        except Exception:  # a check must never fail the request: the app decides then
+            return None
+
     def hand_over(self, conn: Any) -> None:
-        self.in_flight += 1
+        with self.counting:
+            self.in_flight += 1
         super().enqueue_req(conn)
 
-    def finish_request(self, conn: Any, fs: Any) -> None:
-        self.in_flight -= 1
-        super().finish_request(conn, fs)
+    def handle(self, conn: Any) -> Any:
+        """A request on a thread. The thread counts as free once it returns (not when the main
+        loop later hears so): a client that sends its next request as soon as it has read an
+        answer must find the thread free."""
+        try:
+            return super().handle(conn)
+        finally:
+            with self.counting:
+                self.in_flight -= 1
 
-    def stop_reading(self, conn: Any) -> None:
+    def stop_reading(self, conn: Any) -> Reading:
         reading = self.reading.pop(conn)
-        self.buffered -= len(reading.data)
+        self.buffered -= len(reading.framer.buffer)
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
+        return reading
 
     def refuse(self, conn: Any, status: int, message: str, retry_after: int | None = None) -> None:
-        self.stop_reading(conn)
-        self.answer(conn, status, message, retry_after)
+        self.answer(conn, self.stop_reading(conn), status, message, retry_after)
 
-    def answer(self, conn: Any, status: int, message: str, retry_after: int | None) -> None:
+    def answer(
+        self,
+        conn: Any,
+        reading: Reading,
+        status: int,
+        message: str,
+        retry_after: int | None,
+        code: str | None = None,
+    ) -> None:
         """Send a JSON error from the main loop and close (the send buffer takes it whole)."""
+        code = code or CODES[status]
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
         try:
-            conn.sock.send(error_bytes(status, REASONS[status], message, CODES[status], headers))
+            conn.sock.send(error_bytes(status, REASONS[status], message, code, headers))
         except OSError:
             pass
-        self.log.warning("refused a request from %s: %d %s", conn.client, status, message)
+        self.observe(conn, reading, status, code, message)
         self.linger(conn)
+
+    def observe(self, conn: Any, reading: Reading, status: int, code: str, message: str) -> None:
+        """A refusal's access line and metrics, as the app writes them for its own answers
+        (api/observe.py); the worker's log says it while the app has none."""
+        record = getattr(self.wsgi, "extensions", {}).get("textgen.refused")
+        client = conn.client[0] if isinstance(conn.client, tuple) else str(conn.client)
+        if record is None:
+            self.log.warning("refused a request from %s: %d %s", client, status, message)
+            return
+        method, path = (part.decode("latin-1") for part in reading.framer.method_and_path)
+        try:
+            record(method, path, status, client, code, time.monotonic() - reading.started)
+        except Exception:  # counting must never fail the refusal
+            self.log.exception("could not record a refused request")
 
     def linger(self, conn: Any) -> None:
         """Close after the client stops sending (for at most LINGER_S): closing a socket with
@@ -254,7 +318,7 @@ class TextgenWorker(ThreadWorker):
         now = time.monotonic()
         for conn, reading in list(self.reading.items()):
             if now > reading.deadline:
-                if reading.data:
+                if reading.framer.buffer:
                     message = f"the request was not received within {self.read_timeout:g} s"
                     self.refuse(conn, 408, message)
                 else:
@@ -318,11 +382,16 @@ class TextgenWorker(ThreadWorker):
         return self.app_ready() or not self.others_ready()
 
     def notify(self) -> None:
-        """The heartbeat, once a second from the main loop: also leave the ready mark, and
-        stop when a put-off SIGTERM's successor is ready (or has taken too long)."""
+        """The heartbeat, once a second from the main loop: also leave the ready mark, stop
+        accepting while loading if another worker is ready, and stop when a put-off
+        SIGTERM's successor is ready (or has taken too long)."""
         super().notify()
         if self.ready_mark is None and self.app_ready():
             self.mark_ready()
+        if self._accepting and not self.may_accept():
+            # Loading, and accepting since no worker was ready (a first start): another one is
+            # now, so this one leaves the traffic to it until its own models are ready.
+            super().set_accept_enabled(False)
         if self.stop_asked is not None:
             waited = time.monotonic() - self.stop_asked
             if not self.successor_starting() or waited > self.cfg.graceful_timeout / 2:

@@ -13,7 +13,7 @@ from textgen.engine.grammar import GrammarLimits
 from textgen.engine.runner import Limits, ModelRunner
 from textgen.engine.scheduler import Engine, EngineLimits
 from textgen.engine.submission import Submission
-from textgen.errors import ModelsNotReady, UnknownModel, without_paths
+from textgen.errors import ModelsNotReady, QueueFull, UnknownModel, without_paths
 from textgen.generation.prompts import PromptInput
 from textgen.generation.strategies import GenerationParams
 from textgen.models.cache import ModelCache
@@ -132,6 +132,20 @@ class ModelRegistry:
             if engine is None:
                 raise ModelsNotReady(self._detail)
             return engine
+
+    def refusal(self) -> QueueFull | None:
+        """The 429 for any generation request while every model's queue is full (counted as a
+        rejection of the default model's), or None. The worker answers it from its main loop,
+        so that refusals stay fast however busy the request threads are."""
+        with self._guard:
+            engines = list(self._engines.values())
+        if not engines or any(engine.has_room() for engine in engines):
+            return None
+        try:
+            engines[0].check_room()
+        except QueueFull as full:
+            return full
+        return None  # room was made meanwhile
 
     def retry_after(self) -> int:
         """When a request refused for want of capacity may come back: as soon as the first of
