@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from textgen.models.aoti import CompiledPackage
 from textgen.models.architecture import compilable, family
 from textgen.models.cache import ModelCache, compiler_available
 from textgen.models.decoders.base import Program
@@ -135,7 +136,7 @@ def compile_program(model: Any, target: Path, deterministic: bool = True) -> Non
 
 def load_program(
     model: Any, model_dir: Path, dtype: str, cache: ModelCache, deterministic: bool = True
-) -> Any | None:
+) -> CompiledPackage | None:
     """The compiled program for ``model`` in ``dtype`` (compiled into the cache the first
     time), or None when the model or the machine cannot have one."""
     if not supports(model, dtype):
@@ -155,6 +156,6 @@ def load_program(
             compile_program(model, target, deterministic)
             log.info("compiled decoder written to %s (%.0f s)", target, time.monotonic() - started)
     try:
-        return torch._inductor.aoti_load_package(str(target))
+        return CompiledPackage(target)
     except Exception as exc:
         raise damaged(target, exc) from exc
