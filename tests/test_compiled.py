@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import torch
 from flask import Flask
 
-from tests.conftest import EMBEDDED_CACHE, tiny_config
+from tests.conftest import EMBEDDED_CACHE, served, tiny_config
 from tests.test_decode import tiny_qwen2
 from tests.test_engine import concurrently, post, text
 from tests.test_quantize import TEXT, perplexity
@@ -298,3 +302,52 @@ def test_drafts_checked_in_one_step(
     for bad in (17, -1, "three"):
         with pytest.raises(ConfigError, match="TEXTGEN_DRAFT_TOKENS"):
             create_app(int8_config(model_dirs, compiled_cache, DRAFT_TOKENS=bad))
+
+
+def test_a_read_only_compiled_cache_serves_compiled(
+    model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: LoadedModel, tmp_path, monkeypatch
+) -> None:
+    """A prepared cache shared read-only (copied elsewhere, as a volume is) serves through its
+    compiled decoder: nothing is written, quantized or compiled again."""
+    from tests.test_cache import copied, read_only
+
+    def refuse(*_: Any) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(compiled, "compile_program", refuse)
+    with read_only(copied(compiled_cache, tmp_path), tmp_path / "ro") as cache:
+        with served(int8_config(model_dirs, cache, DRAFT_TOKENS=0)) as url:
+            models = requests.get(f"{url}/models", timeout=30).json()["models"]
+            assert models[0]["compiled"] is True
+            body = {"prompt": PROMPTS[0], "max_new_tokens": 12, "ignore_eos": True}
+            answer = requests.post(f"{url}/generate", json=body, timeout=60).json()
+            expected = step_by_step(tiny_int8, PROMPTS[0], 12)
+            assert answer["results"][0]["outputs"][0]["text"] == expected
+
+
+def test_other_threads_run_while_the_compiled_decoder_does(tiny_int8: LoadedModel) -> None:
+    """The worker's main loop and request threads keep going during a step (a long prefill
+    held the GIL for seconds with torch's loader). With thread switches put off (a huge
+    switch interval), this thread runs during the call only if the call releases the GIL."""
+    model = tiny_int8.model
+    inputs = compiled.example_inputs(compiled.program_class(model)(model), rows=16, tokens=64)
+    started, done = threading.Event(), threading.Event()
+
+    def step() -> None:
+        started.set()
+        with torch.inference_mode():
+            tiny_int8.program(*inputs)
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000)
+    try:
+        worker = threading.Thread(target=step)
+        worker.start()
+        started.wait()
+        time.sleep(0)  # gives the GIL to the step, which must give it back inside the call
+        ran_during_the_call = not done.is_set()
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert ran_during_the_call
