@@ -2,12 +2,13 @@
 settings: 200 concurrent streams, 40 slow clients, and peak worker RSS under echoed logprobs,
 large JSON schemas and 500 varied requests. Prints one JSON object (bench/RESULTS.md quotes it).
 
-    .venv/bin/python bench/reliability_probe.py [--cache DIR]
+    .venv/bin/python bench/reliability_probe.py [--cache DIR] [--probes streams,slow,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -56,28 +57,38 @@ def rss(pid: int) -> dict[str, float]:
 
 
 def streams(url: str, count: int) -> dict[str, Any]:
-    """``count`` concurrent streams: statuses and each one's time to first byte."""
-    body = {"prompt": "Tell me a story.", "chat": True, "max_new_tokens": 32, "stream": True}
-    results: list[tuple[int, float]] = []
-    barrier = threading.Barrier(count)
+    """``count`` concurrent streams: statuses and each one's time to first byte.
 
-    def one() -> None:
-        barrier.wait()
+    One asyncio loop drives every connection (raw HTTP/1.1): client threads would share the
+    GIL and the two cores with the server, and their own scheduling would be counted as the
+    server's time to first byte."""
+    return asyncio.run(concurrent_streams(url, count))
+
+
+async def concurrent_streams(url: str, count: int) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(
+        {"prompt": "Tell me a story.", "chat": True, "max_new_tokens": 32, "stream": True}
+    ).encode()
+    request = (
+        b"POST /generate HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+        + f"Connection: close\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(count)]
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, float]:
         started = time.monotonic()
-        with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as r:
-            first = None
-            for _ in r.iter_content(1):
-                first = time.monotonic() - started
-                break
-            for _ in r.iter_content(65536):
-                pass
-            results.append((r.status_code, first or time.monotonic() - started))
+        writer.write(request)
+        await writer.drain()
+        first = await reader.read(1)
+        ttfb = time.monotonic() - started
+        rest = await reader.read()
+        writer.close()
+        status = int((first + rest).split(b" ", 2)[1]) if first else 0
+        return status, ttfb
 
-    threads = [threading.Thread(target=one) for _ in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = await asyncio.gather(*(one(r, w) for r, w in connections))
     by_status: dict[int, list[float]] = {}
     for status, ttfb in results:
         by_status.setdefault(status, []).append(ttfb)
@@ -194,23 +205,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache", default=str(REPO / ".cache" / "test-models"))
     parser.add_argument("--port", type=int, default=8950)
+    parser.add_argument("--probes", default="streams,slow,echo,schema,varied")
     args = parser.parse_args()
+    chosen = args.probes.split(",")
     process = start(args.cache, args.port)
     url = f"http://127.0.0.1:{args.port}"
     try:
         pid = requests.get(f"{url}/info", timeout=10).json()["pid"]
-        out = {
-            "cpu": next(
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "streams_200": streams(url, 200),
-            "slow_clients_40": slow_clients(url),
-            "echo": echo_probe(url, pid),
-            "schema": schema_probe(url, pid),
-            "varied_500": varied_probe(url, pid),
+        probes: dict[str, Any] = {
+            "streams": ("streams_200", lambda: streams(url, 200)),
+            "slow": ("slow_clients_40", lambda: slow_clients(url)),
+            "echo": ("echo", lambda: echo_probe(url, pid)),
+            "schema": ("schema", lambda: schema_probe(url, pid)),
+            "varied": ("varied_500", lambda: varied_probe(url, pid)),
         }
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+        out: dict[str, Any] = {"cpu": cpu}
+        for name in chosen:
+            key, probe = probes[name]
+            out[key] = probe()
         print(json.dumps(out, indent=2))
     finally:
         process.send_signal(signal.SIGTERM)
