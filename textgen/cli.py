@@ -25,7 +25,12 @@ def main() -> None:
 @click.option(
     "--force", is_flag=True, help="Rebuild conversions, quantized weights and compiled decoders."
 )
-def pull(sources: tuple[str, ...], force: bool) -> None:
+@click.option(
+    "--retune",
+    is_flag=True,
+    help="Compile the decoders again, their kernels timed afresh (on a quiet machine).",
+)
+def pull(sources: tuple[str, ...], force: bool, retune: bool) -> None:
     """Download, convert, quantize and compile models into the cache (default:
     TEXTGEN_MODELS)."""
     try:
@@ -37,8 +42,8 @@ def pull(sources: tuple[str, ...], force: bool) -> None:
     configure_logging(settings.log_level, settings.log_format)
     cache = ModelCache(settings.model_cache)
     for spec in specs:
-        if force:
-            for path in forget(spec, cache):
+        if force or retune:
+            for path in forget(spec, cache, compiled_only=not force):
                 click.echo(f"{spec.name}: deleted {path}")
         try:
             prepared = prepare(spec, cache, settings.hub_probe_timeout)

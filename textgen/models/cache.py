@@ -168,6 +168,11 @@ class ModelCache:
         return out
 
 
+def record_path(package: Path) -> Path:
+    """Where a compiled package's tuning record lives (textgen/models/tuning.py): beside it."""
+    return package.with_name(package.stem + ".tuning.json")
+
+
 def model_type(model_dir: Path) -> str | None:
     """config.json's model_type, or None where there is no readable config."""
     try:

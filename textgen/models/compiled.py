@@ -33,6 +33,8 @@ from textgen.models.decoders.llama import LlamaProgram
 from textgen.models.decoders.phi import PhiProgram
 from textgen.models.quantize import Int4Linear, Int8Linear
 from textgen.models.sources import damaged
+from textgen.models.tuning import Tuning, warn_if_slow, write_record
+from textgen.models.tuning import check as tuning_check
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +105,11 @@ def example_inputs(program: Program, rows: int = 8, tokens: int = 2) -> tuple[An
     )
 
 
-def compile_program(model: Any, target: Path, deterministic: bool = True) -> None:
-    """Export and compile the model's Program into ``target`` (written whole, then renamed);
-    ``deterministic``: with batch-invariant attention (decoders/base.py ``attend``)."""
+def compile_program(model: Any, target: Path, deterministic: bool = True) -> dict[str, Any]:
+    """Export and compile the model's Program into ``target`` (written whole, then renamed),
+    its kernels chosen on robust timings, then checked against the eager Program
+    (textgen/models/tuning.py); ``deterministic``: with batch-invariant attention
+    (decoders/base.py ``attend``). Returns the tuning record written beside it."""
     from torch.export import Dim
 
     program = program_class(model)(model).eval()
@@ -128,10 +132,19 @@ def compile_program(model: Any, target: Path, deterministic: bool = True) -> Non
         exported = torch.export.export(program, example_inputs(program), dynamic_shapes=shapes)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.stem}.{os.getpid()}.partial.pt2")
-    torch._inductor.aoti_compile_and_package(
-        exported, package_path=str(staging), inductor_configs=dict(INDUCTOR_SETTINGS)
-    )
+    tuning = Tuning()
+    with tuning.robust():
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(staging), inductor_configs=dict(INDUCTOR_SETTINGS)
+        )
+    # A one-row decode step, compiled and eager (the step whose speed the weights decide).
+    inputs = example_inputs(program, rows=1, tokens=1)
+    package = CompiledPackage(staging)
+    result = tuning_check(lambda: package(*inputs), lambda: program(*inputs))
     os.replace(staging, target)
+    record = write_record(target, tuning, result)
+    warn_if_slow(target, record)
+    return record
 
 
 def load_program(
@@ -155,6 +168,8 @@ def load_program(
             started = time.monotonic()
             compile_program(model, target, deterministic)
             log.info("compiled decoder written to %s (%.0f s)", target, time.monotonic() - started)
+        else:
+            warn_if_slow(target)
     try:
         return CompiledPackage(target)
     except Exception as exc:

@@ -15,7 +15,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from textgen.models.architecture import compilable
-from textgen.models.cache import MARKER, QUANTIZED, ModelCache, compiler_available
+from textgen.models.cache import (
+    MARKER,
+    QUANTIZED,
+    ModelCache,
+    compiler_available,
+    record_path,
+)
 from textgen.models.specs import EMBEDDED, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -36,20 +42,22 @@ def damaged(path: Path, exc: BaseException) -> ModelUnavailable:
     )
 
 
-def forget(spec: ModelSpec, cache: ModelCache) -> list[Path]:
+def forget(spec: ModelSpec, cache: ModelCache, compiled_only: bool = False) -> list[Path]:
     """Delete what the cache derived for ``spec`` (conversion, quantized weights, compiled
-    decoder; never Hub downloads or the user's own directories), so the next pull rebuilds
-    it. Returns what was deleted."""
+    decoders and their tuning records; never Hub downloads or the user's own directories), or
+    only the compiled decoders, so the next pull rebuilds it. Returns what was deleted."""
     path = prepared_dir(spec, cache)
     if path is None:
         return []
-    found = [
+    packages = [
         cache.compiled_path(path, dtype, deterministic)
         for dtype in QUANTIZED
         for deterministic in (True, False)
     ]
-    found += [cache.quantized_path(path, dtype) for dtype in QUANTIZED]
-    if spec.kind in ("embedded", "gguf"):
+    found = packages + [record_path(package) for package in packages]
+    if not compiled_only:
+        found += [cache.quantized_path(path, dtype) for dtype in QUANTIZED]
+    if spec.kind in ("embedded", "gguf") and not compiled_only:
         found.append(path)
     gone = [p for p in found if p.exists()]
     for p in gone:
