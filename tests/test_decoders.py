@@ -3,6 +3,7 @@ transformers' forward on the same weights, and served through HTTP alone and in 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,13 @@ def test_served_greedy_follows_transformers(int8_model: LoadedModel, family_cach
     assert [text(result) for result in concurrently(app, bodies)] == expected
 
 
-def test_gpt2_int4_stays_close_to_transformers(
-    tmp_path_factory: pytest.TempPathFactory, family_cache: Path
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_int4_stays_close_to_transformers(
+    kind: str, tmp_path_factory: pytest.TempPathFactory, family_cache: Path
 ) -> None:
-    source = save_tiny_gpt2(tmp_path_factory.mktemp("blocks") / "tiny-gpt2-blocks", blocks=True)
+    """GPT-2 in whole 64-row blocks, and Phi (whose tiny shape is whole blocks already)."""
+    build = partial(save_tiny_gpt2, blocks=True) if kind == "gpt2" else BUILDERS[kind]
+    source = build(tmp_path_factory.mktemp("blocks") / f"tiny-{kind}-blocks")
     spec = make_spec(str(source), dtype="int4")
     loaded = load_model(spec, ModelCache(family_cache), compiled=True)
     assert loaded.program is not None and compiled.supports(loaded.model, "int4")

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import EMBEDDED_CACHE
+from tests.test_decoders import assert_near_best, step_by_step
 from textgen import create_app
 from textgen.models import sources
 from textgen.models.cache import ModelCache
@@ -44,20 +44,22 @@ def unshared_app() -> Iterator[Flask]:
     app.extensions["textgen.registry"].close()
 
 
-def test_greedy_matches_model_generate(unshared_app: Flask) -> None:
+def test_greedy_follows_transformers_forward(unshared_app: Flask) -> None:
+    """The served greedy text is the compiled program's, and each of its tokens is the one
+    transformers' forward (eager kernels, the same int4 weights) ranks best or within the
+    compiled decoder's bound of it: the two implementations round differently, so near ties
+    may go either way (on AVX-512 one did, at the fifth token of this prompt)."""
     loaded = unshared_app.extensions["textgen.registry"].engine(None).runner.loaded
     messages = [{"role": "user", "content": "Name three colours."}]
-    enc = loaded.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    text = loaded.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
     )
-    with torch.inference_mode():
-        out = loaded.model.generate(**enc, do_sample=False, max_new_tokens=24)
-    expected = loaded.tokenizer.decode(
-        out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-    response = unshared_app.test_client().post(
-        "/generate", json={"messages": messages, "max_new_tokens": 24}
-    )
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    chosen = step_by_step(loaded, ids, 24)
+    assert_near_best(loaded.model, ids, chosen)
+    body = {"messages": messages, "max_new_tokens": 24, "ignore_eos": True}
+    response = unshared_app.test_client().post("/generate", json=body)
+    expected = loaded.tokenizer.decode(chosen, skip_special_tokens=True)
     assert response.get_json()["results"][0]["outputs"][0]["text"] == expected
 
 

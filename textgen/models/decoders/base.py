@@ -106,12 +106,13 @@ class Program(torch.nn.Module):
         go in blocks and vector lanes that start at column 0, so they group a row's terms
         differently when padding shifts them. Here each sum runs column by column:
         ``p @ values`` (the matmul's inner loop is sequential over columns, so leading zero
-        weights add nothing) and a cumulative sum for the softmax denominator. The query rows
-        of each key/value head get 8 zero rows below them: with fewer than about 6 rows the
-        matmul takes another kernel, whose results depend on where the columns start (decode
-        steps have ``heads / kv_heads`` rows). Its cost is in bench/RESULTS.md ("Reproducible
-        outputs"); ``invariant = False`` (TEXTGEN_DETERMINISTIC=false) takes the fused
-        attention instead."""
+        weights add nothing) and a cumulative sum for the softmax denominator. Both matmuls'
+        rows (each key/value head's queries, then its weights) get 8 zero rows below them
+        (``padded``): with fewer than 4 rows, or in a last block of 1-3 rows, the matmul takes
+        another kernel, whose results depend on where the columns start (decode steps have
+        ``heads / kv_heads`` rows) or on the row's place (measured on AVX2 and AVX-512). Its
+        cost is in bench/RESULTS.md ("Reproducible outputs"); ``invariant = False``
+        (TEXTGEN_DETERMINISTIC=false) takes the fused attention instead."""
         rows, tokens, columns = query.shape[0], query.shape[2], mask.shape[-1]
         key_buffer, value_buffer = keys[index], values[index]
         key_buffer.index_copy_(2, columns_new, key)
@@ -130,14 +131,13 @@ class Program(torch.nn.Module):
         # [rows, kv_heads, tokens x groups, head_dim]: a kv head's queries, token by token.
         grouped = query.transpose(1, 2).unflatten(2, (self.kv_heads, groups))
         grouped = grouped.permute(0, 2, 1, 3, 4).flatten(2, 3)
-        padded = torch.cat([grouped, grouped.new_zeros(rows, self.kv_heads, 8, self.head_dim)], 2)
-        scores = torch.matmul(padded, key_buffer[:, :, :columns].transpose(-1, -2))
+        scores = torch.matmul(padded(grouped), key_buffer[:, :, :columns].transpose(-1, -2))
         scores = scores[:, :, : tokens * groups].unflatten(2, (tokens, groups)) * scale
         scores = scores.masked_fill(~mask[:, :, :, None], float("-inf"))
         weights = torch.exp(scores - scores.amax(-1, keepdim=True)).flatten(2, 3)
         total = weights.cumsum(-1)[..., -1:]
-        out = torch.matmul(weights, value_buffer[:, :, :columns]) / total
-        out = out.unflatten(2, (tokens, groups)).permute(0, 2, 1, 3, 4)
+        out = torch.matmul(padded(weights), value_buffer[:, :, :columns])[:, :, : tokens * groups]
+        out = (out / total).unflatten(2, (tokens, groups)).permute(0, 2, 1, 3, 4)
         return out.reshape(rows, tokens, -1)
 
     def rotary_attention(
@@ -168,6 +168,11 @@ class Program(torch.nn.Module):
         return self.attend(
             index, query, key, value.transpose(1, 2), mask, keys, values, columns_new, self.scale
         )
+
+
+def padded(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` [..., m, n] with 8 zero rows below: see Program.attend."""
+    return torch.cat([rows, rows.new_zeros(*rows.shape[:-2], 8, rows.shape[-1])], -2)
 
 
 def stored(linear: Int8Linear | Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
