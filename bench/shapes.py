@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-5,
     },
 }
+
+
+GENERIC_TOKENIZER = """
+from pathlib import Path
+import transformers
+
+def _generic(path, *args, **kwargs):
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(Path(path, "tokenizer.json")))
+
+transformers.AutoTokenizer.from_pretrained = _generic
+"""
 
 
 def build(name: str, target: Path) -> None:
@@ -123,10 +135,16 @@ def main() -> None:
             build(name, target)
         gguf = OUT / f"{name}.{args.type}.gguf"
         if not gguf.is_file():
-            env = {**os.environ, "PYTHON": sys.executable}
-            subprocess.run(
-                ["bash", str(CONVERT), str(target), str(gguf), args.type], env=env, check=True
-            )
+            with tempfile.TemporaryDirectory() as hooks:
+                # transformers picks a tokenizer class by model type (Qwen2Tokenizer, ...),
+                # which re-splits SmolLM2's vocabulary its own way, and llama.cpp's converter
+                # then does not recognise the pre-tokenizer: read tokenizer.json as it is.
+                Path(hooks, "sitecustomize.py").write_text(GENERIC_TOKENIZER)
+                path = os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")]))
+                env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": path}
+                subprocess.run(
+                    ["bash", str(CONVERT), str(target), str(gguf), args.type], env=env, check=True
+                )
         print(json.dumps({"name": name, "source": str(target), "gguf": str(gguf)}), flush=True)
 
 

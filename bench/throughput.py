@@ -204,9 +204,11 @@ def embedded_gguf_path() -> Path:
     return embedded_gguf(make_spec("smollm2-135m-instruct"))
 
 
-def start_llama(port: int, gguf: Path) -> subprocess.Popen[bytes]:
+def start_llama(
+    port: int, gguf: Path, flags: tuple[str, ...] = ("-np", "16", "-c", "16384")
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["bash", str(ANCHOR), str(gguf), str(port), "-np", "16", "-c", "16384"],
+        ["bash", str(ANCHOR), str(gguf), str(port), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
