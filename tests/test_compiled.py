@@ -351,3 +351,22 @@ def test_other_threads_run_while_the_compiled_decoder_does(tiny_int8: LoadedMode
     finally:
         sys.setswitchinterval(interval)
     assert ran_during_the_call
+
+
+def test_auto_serves_the_compiled_format(
+    model_dirs: dict[str, Path], compiled_cache: Path, tiny_int8: LoadedModel
+) -> None:
+    """ "auto" (the default of Hub models and GGUF files) resolves, once the model's config is
+    known, to the compiled decoder's format: int8 for this Llama (too narrow for int4)."""
+    config = int8_config(model_dirs, compiled_cache, DRAFT_TOKENS=0)
+    config["MODELS"][0]["dtype"] = "auto"
+    with served(config) as url:
+        model = requests.get(f"{url}/models", timeout=30).json()["models"][0]
+        assert (model["dtype"], model["compiled"]) == ("int8", True)
+        body = {"prompt": PROMPTS[1], "max_new_tokens": 12, "ignore_eos": True}
+        answer = requests.post(f"{url}/generate", json=body, timeout=60).json()
+        expected = step_by_step(tiny_int8, PROMPTS[1], 12)
+        assert answer["results"][0]["outputs"][0]["text"] == expected
+    with served({**config, "COMPILE": False}) as url:
+        model = requests.get(f"{url}/models", timeout=30).json()["models"][0]
+        assert (model["dtype"], model["compiled"]) == ("float32", False)

@@ -44,3 +44,25 @@ def test_json_form() -> None:
 def test_bad_entries_are_explained(value: object, fragment: str) -> None:
     with pytest.raises(SpecError, match=fragment):
         parse_model_specs(value)
+
+
+def test_hub_models_and_gguf_files_default_to_the_fastest_format(monkeypatch) -> None:
+    from textgen.models import specs
+
+    hub, local, gguf, pinned = parse_model_specs("gpt2, /srv/m, ./x.gguf, tinyllama#float32")
+    assert (hub.dtype, local.dtype, gguf.dtype, pinned.dtype) == (
+        "auto", "float32", "auto", "float32"
+    )  # fmt: skip
+    gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12}
+    neox = {"model_type": "gpt_neox"}
+    monkeypatch.setattr(specs, "compiler_available", lambda: True)
+    monkeypatch.setattr(specs, "cpu_flags", lambda: "avx2 avx512bw avx512dq avx512f avx512vl")
+    assert specs.resolved_dtype("auto", gpt2, compile=True) == "int4"
+    assert specs.resolved_dtype("auto", {**gpt2, "n_embd": 96}, compile=True) == "int8"
+    assert specs.resolved_dtype("auto", neox, compile=True) == "float32"  # no compiled decoder
+    assert specs.resolved_dtype("auto", gpt2, compile=False) == "float32"
+    assert specs.resolved_dtype("bfloat16", gpt2, compile=True) == "bfloat16"
+    monkeypatch.setattr(specs, "cpu_flags", lambda: "avx avx2 fma")
+    assert specs.resolved_dtype("auto", gpt2, compile=True) == "int8"
+    monkeypatch.setattr(specs, "compiler_available", lambda: False)
+    assert specs.resolved_dtype("auto", gpt2, compile=True) == "float32"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from textgen.models.compiled import load_program
 from textgen.models.memory import release_freed_memory
 from textgen.models.quantize import apply_dtype, decode_weight_bytes
 from textgen.models.sources import ModelUnavailable, PreparedModel, damaged, prepare
-from textgen.models.specs import ModelSpec
+from textgen.models.specs import ModelSpec, resolved_dtype
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def load_model(
     started = time.monotonic()
     prepared = prepare(spec, cache, probe_timeout)
     check_remote_code(spec, prepared.path)
+    config = json.loads((prepared.path / "config.json").read_text())
+    spec = replace(spec, dtype=resolved_dtype(spec.dtype, config, compiled))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             prepared.path,

@@ -22,7 +22,7 @@ from textgen.models.cache import (
     compiler_available,
     record_path,
 )
-from textgen.models.specs import EMBEDDED, ModelSpec
+from textgen.models.specs import EMBEDDED, ModelSpec, resolved_dtype
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,13 @@ def is_prepared(
         path = prepared_dir(spec, cache)
         if path is None:
             return False
-        if spec.dtype in QUANTIZED and not cache.quantized_path(path, spec.dtype).is_file():
+        config = json.loads((path / "config.json").read_text())
+        dtype = resolved_dtype(spec.dtype, config, compiled)
+        if dtype in QUANTIZED and not cache.quantized_path(path, dtype).is_file():
             return False
-        if compiled and spec.dtype in QUANTIZED and compiler_available():
-            config = json.loads((path / "config.json").read_text())
-            package = cache.compiled_path(path, spec.dtype, deterministic)
-            return not compilable(config, spec.dtype) or package.is_file()
+        if compiled and dtype in QUANTIZED and compiler_available():
+            package = cache.compiled_path(path, dtype, deterministic)
+            return not compilable(config, dtype) or package.is_file()
         return True
     except (ModelUnavailable, OSError, ValueError):
         return False

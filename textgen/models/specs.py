@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from textgen.models.architecture import compilable
 from textgen.models.cache import compiler_available, cpu_flags
 
 # Models that ship inside a Python package: public name -> (import package, file in it, dist).
@@ -18,7 +19,11 @@ KINDS = ("embedded", "hub", "local_dir", "gguf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[\w./:-]{1,128}$")
 _SPEC_KEYS = {"name", "source", "revision", "trust_remote_code", "dtype"}
-DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+# Sources whose format defaults to "auto": a Hub model or a GGUF file is run the fastest way
+# this machine has for it (resolved_dtype). A local directory keeps float32 unless its entry
+# says otherwise ("#auto" included).
+AUTO_KINDS = ("hub", "gguf")
 
 
 # The instruction sets of Inductor's AVX-512 code (its VecAVX512).
@@ -37,6 +42,20 @@ def embedded_default() -> str:
     if not compiler_available():
         return "float16"
     return "int4" if AVX512 <= set(cpu_flags().split()) else "int8"
+
+
+def resolved_dtype(dtype: str, config: Any, compile: bool) -> str:
+    """``dtype``, or for "auto" what the embedded model's default picks where the model's
+    family has a compiled decoder (int4 with AVX-512 where its shape is whole int4 blocks, else
+    int8), and float32 where it has none or compiling is off. ``config``: a transformers
+    config or config.json's dict."""
+    if dtype != "auto":
+        return dtype
+    if not compile or not compiler_available():
+        return "float32"
+    if AVX512 <= set(cpu_flags().split()) and compilable(config, "int4"):
+        return "int4"
+    return "int8" if compilable(config, "int8") else "float32"
 
 
 class SpecError(ValueError):
@@ -111,7 +130,9 @@ def make_spec(
     name = (name or default_name(source, kind)).strip()
     if not _NAME.match(name):
         raise SpecError(f"model name {name!r} must be 1-128 letters, digits or . _ - / :")
-    dtype = dtype or (embedded_default() if kind == "embedded" else "float32")
+    if not dtype:
+        dtype = "auto" if kind in AUTO_KINDS else "float32"
+        dtype = embedded_default() if kind == "embedded" else dtype
     if dtype not in DTYPES:
         raise SpecError(f"model {name!r}: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     source = source.removeprefix("embedded:")
