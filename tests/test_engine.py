@@ -154,3 +154,25 @@ def test_retry_after_comes_from_the_measured_speed() -> None:
 
 def test_an_idle_registry_says_come_back_at_once(app) -> None:
     assert app.extensions["textgen.registry"].retry_after() == 1
+
+
+def test_a_prefill_chunk_shrinks_while_rows_decode(app: Flask) -> None:
+    """A long prompt's chunks are sized to the measured prefill speed while other rows are
+    decoding (about SHARED_CHUNK_S each, so their next token is not held up for a whole
+    TEXTGEN_PREFILL_CHUNK_TOKENS chunk), and whole when nothing else runs."""
+    from textgen.engine.batch import MIN_CHUNK_TOKENS, SHARED_CHUNK_S
+
+    post(app, {"prompt": "Hello " * 40, "max_new_tokens": 1})  # measures the speed
+    batch = app.extensions["textgen.registry"].engine(None)._batch
+    assert batch.prefill_speed is not None and batch.prefill_speed > 0
+    assert batch.chunk_budget() == batch.chunk_tokens  # idle: whole chunks
+    batch.rows.append(object())  # as if a row were decoding (the engine is idle meanwhile)
+    try:
+        batch.prefill_speed = 2000.0
+        assert batch.chunk_budget() == int(2000 * SHARED_CHUNK_S)
+        batch.prefill_speed = 10.0
+        assert batch.chunk_budget() == MIN_CHUNK_TOKENS
+        batch.prefill_speed = 1e9
+        assert batch.chunk_budget() == batch.chunk_tokens
+    finally:
+        batch.rows.pop()

@@ -31,6 +31,11 @@ from textgen.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
+# While rows are decoding, a prefill chunk is sized to take about this long (and at least
+# MIN_CHUNK_TOKENS): the time it adds between their tokens.
+SHARED_CHUNK_S = 0.05
+MIN_CHUNK_TOKENS = 4
+
 
 def unit_rows(handle: RequestHandle, unit: Unit, loaded: LoadedModel) -> list[Row]:
     """The rows of one unit of a request: an output's Sequence, or a prompt's first beam (its
@@ -91,6 +96,7 @@ class RunningBatch:
         # compiled decoder does a few tokens of one row in little more than the time of one).
         self.draft_tokens = draft_tokens if compiled is not None else 0
         self.chunk_tokens = chunk_tokens
+        self.prefill_speed: float | None = None  # prompt tokens a second, recent chunks
         self.pad_token_id = pad_token_id
         self.record = record
         self.rows: list[Row] = []
@@ -173,9 +179,19 @@ class RunningBatch:
             return
         self.finish_prefill(job, logits)
 
+    def chunk_budget(self) -> int:
+        """Prompt tokens for the next prefill chunk: ``chunk_tokens`` while no row is decoding;
+        while rows are, as many as take about SHARED_CHUNK_S at the measured prefill speed, so
+        that a long prompt adds at most that to their time between tokens."""
+        if not self.rows or self.prefill_speed is None:
+            return self.chunk_tokens
+        fitting = int(self.prefill_speed * SHARED_CHUNK_S)
+        return max(MIN_CHUNK_TOKENS, min(self.chunk_tokens, fitting))
+
     def run_chunk(self, job: Prefill) -> torch.Tensor:
         """Compute the job's next columns; the logits of its last position [rows, vocab]."""
-        start, end = job.next_columns(self.chunk_tokens)
+        started = time.perf_counter()
+        start, end = job.next_columns(self.chunk_budget())
         ids, positions = job.ids[:, start:end], job.positions[:, start:end]
         mask = job.mask[:, : job.past + end]
         if job.echo:
@@ -185,6 +201,10 @@ class RunningBatch:
         else:
             logits = self.forward(ids, positions, mask, job.cache)
         job.done = end
+        speed = ids.numel() / max(time.perf_counter() - started, 1e-6)
+        # Later chunks attend over more columns, so the speed is followed, not averaged.
+        previous = self.prefill_speed
+        self.prefill_speed = speed if previous is None else 0.5 * previous + 0.5 * speed
         return logits
 
     def finish_prefill(self, job: Prefill, logits: torch.Tensor) -> None:

@@ -9,6 +9,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 # Spare columns allocated beyond what is needed, so most steps write in place.
 HEADROOM = 64
+# A full buffer grows by this factor at least: each growth copies every column, so growing by a
+# fixed HEADROOM made a long prompt's prefill copy its whole cache every few chunks.
+GROWTH = 1.5
+
+
+def grown(buffer: torch.Tensor | None, columns: int) -> int:
+    """The capacity a buffer that must hold ``columns`` grows to."""
+    current = 0 if buffer is None else buffer.shape[-2]
+    return max(columns + HEADROOM, int(current * GROWTH))
 
 
 class SlotLayer(DynamicLayer):
@@ -35,7 +44,7 @@ class SlotLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
-            self.reserve(end + HEADROOM, key_states, value_states)
+            self.reserve(grown(self.key_buffer, end), key_states, value_states)
         assert self.key_buffer is not None and self.value_buffer is not None
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
@@ -106,8 +115,10 @@ class BatchCache(Cache):
             self.layers.append(slot)
         for slot in self.slots:
             buffer = slot.key_buffer
-            if buffer is None or buffer.shape[-2] < columns or not buffer.is_contiguous():
-                slot.reserve(columns + HEADROOM, like, like)
+            if buffer is None or buffer.shape[-2] < columns:
+                slot.reserve(grown(buffer, columns), like, like)
+            elif not buffer.is_contiguous():
+                slot.reserve(buffer.shape[-2], like, like)
 
     def truncate(self, columns: int) -> None:
         """Keep the first ``columns`` columns (the buffers stay; later writes go after them)."""
