@@ -99,6 +99,9 @@ def test_lying_timings_and_a_slow_step_are_caught_and_retuned(
         assert matmul["chosen"] == min(rounds, key=lambda name: min(rounds[name]))
         assert any(times[0] > 100 * min(times[1:]) for times in rounds.values())
     assert any(matmul["first_round_disagreed"] for matmul in record["matmuls"])
+    # Each shape was timed once, not once per layer.
+    shapes = [json.dumps(matmul["shapes"]) for matmul in record["matmuls"]]
+    assert len(shapes) == len(set(shapes))
     # The check after compiling caught the slow step, then and at the next start.
     assert record["check"]["ok"] is False and RETUNE in caplog.text
     caplog.clear()
