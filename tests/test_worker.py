@@ -53,8 +53,13 @@ def stop(process: subprocess.Popen[str]) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One worker with few threads, a 2 s read timeout and a batch of one row."""
-    env = {"GUNICORN_THREADS": str(THREADS), "TEXTGEN_READ_TIMEOUT": "2", "TEXTGEN_MAX_BATCH": "1"}
+    """One worker with few threads, a 2 s read timeout, a batch of one row and long streams."""
+    env = {
+        "GUNICORN_THREADS": str(THREADS),
+        "TEXTGEN_READ_TIMEOUT": "2",
+        "TEXTGEN_MAX_BATCH": "1",
+        "TEXTGEN_MAX_NEW_TOKENS": "2000",
+    }
     process, url, _ = start(tmp_path_factory.mktemp("worker"), **env)
     try:
         yield url
@@ -175,11 +180,14 @@ def test_expect_100_continue_is_answered_before_the_body(server: str) -> None:
 
 def test_a_request_that_would_wait_for_a_thread_is_a_429_at_once(server: str) -> None:
     # Every thread holds a stream: the batch has one row, so the last of them waits until
-    # the others have each generated 1,000 tokens.
-    body = json.dumps({"prompt": "Hi", "max_new_tokens": 1000, "ignore_eos": True, "stream": True})
+    # the others have each generated 2,000 tokens.
+    body = json.dumps({"prompt": "Hi", "max_new_tokens": 2000, "ignore_eos": True, "stream": True})
     streams = [connect(server) for _ in range(THREADS)]
     for sock in streams:
         sock.sendall(GENERATE + f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    # A probe sent at once could take a thread before the last stream is read, and that stream
+    # would be the one refused (rightly): the worker reads them within milliseconds.
+    time.sleep(0.3)
     try:
         # Until the worker has handed all of them to its threads, /health still gets one.
         for _ in range(100):
