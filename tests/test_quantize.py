@@ -216,8 +216,6 @@ def test_dtype_in_model_specs() -> None:
     assert [s.dtype for s in specs] == [embedded_default(), "int8", "bfloat16"]
     assert parse_model_specs("smollm2-135m-instruct#float32")[0].dtype == "float32"
     assert parse_model_specs("gpt2")[0].dtype == "auto"
-    assert parse_model_specs("x=/m@")[0].dtype == "float32"
-    assert parse_model_specs("/m/a.gguf")[0].dtype == "auto"
     assert parse_model_specs("gpt2#int4")[0].dtype == "int4"
     with pytest.raises(SpecError, match="dtype"):
         parse_model_specs("gpt2#int3")

@@ -132,7 +132,8 @@ def make_spec(
         raise SpecError(f"model name {name!r} must be 1-128 letters, digits or . _ - / :")
     if not dtype:
         dtype = "auto" if kind in AUTO_KINDS else "float32"
-        dtype = embedded_default() if kind == "embedded" else dtype
+        if kind == "embedded":
+            dtype = embedded_default()
     if dtype not in DTYPES:
         raise SpecError(f"model {name!r}: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     source = source.removeprefix("embedded:")

@@ -45,7 +45,8 @@ class Tuning:
 
     def __init__(self) -> None:
         self.matmuls: list[dict[str, Any]] = []
-        self.seen: dict[Any, list[float]] = {}  # a matmul's best timings, by its shapes
+        # Each matmul's best timings (in its candidates' order), by its inputs and candidates.
+        self.seen: dict[Any, list[float]] = {}
 
     def timed(self, rounds: list[dict[str, float]], shapes: list[list[int]]) -> dict[str, float]:
         """Record a matmul's rounds of timings (ms by candidate); the minimum of each."""
