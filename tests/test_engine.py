@@ -160,19 +160,17 @@ def test_a_prefill_chunk_shrinks_while_rows_decode(app: Flask) -> None:
     """A long prompt's chunks are sized to the measured prefill speed while other rows are
     decoding (about SHARED_CHUNK_S each, so their next token is not held up for a whole
     TEXTGEN_PREFILL_CHUNK_TOKENS chunk), and whole when nothing else runs."""
-    from textgen.engine.batch import MIN_CHUNK_TOKENS, SHARED_CHUNK_S
+    from textgen.engine.prefill import MIN_CHUNK_TOKENS, SHARED_CHUNK_S
 
     post(app, {"prompt": "Hello " * 40, "max_new_tokens": 1})  # measures the speed
-    batch = app.extensions["textgen.registry"].engine(None)._batch
-    assert batch.prefill_speed is not None and batch.prefill_speed > 0
-    assert batch.chunk_budget() == batch.chunk_tokens  # idle: whole chunks
-    batch.rows.append(object())  # as if a row were decoding (the engine is idle meanwhile)
-    try:
-        batch.prefill_speed = 2000.0
-        assert batch.chunk_budget() == int(2000 * SHARED_CHUNK_S)
-        batch.prefill_speed = 10.0
-        assert batch.chunk_budget() == MIN_CHUNK_TOKENS
-        batch.prefill_speed = 1e9
-        assert batch.chunk_budget() == batch.chunk_tokens
-    finally:
-        batch.rows.pop()
+    prefills = app.extensions["textgen.registry"].engine(None)._batch.prefills
+    assert prefills.speed is not None and prefills.speed > 0
+    whole = prefills.chunk_tokens
+    assert prefills.chunk_budget(decoding=False) == whole
+    prefills.speed = 2000.0
+    assert prefills.chunk_budget(decoding=False) == whole  # idle: whole chunks
+    assert prefills.chunk_budget(decoding=True) == int(2000 * SHARED_CHUNK_S)
+    prefills.speed = 10.0
+    assert prefills.chunk_budget(decoding=True) == MIN_CHUNK_TOKENS
+    prefills.speed = 1e9
+    assert prefills.chunk_budget(decoding=True) == whole

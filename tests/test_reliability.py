@@ -230,19 +230,20 @@ def test_a_long_prefill_takes_turns_with_decode_steps(
     chunks_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from textgen.engine.batch import RunningBatch
+    from textgen.engine.prefill import Prefills
 
     log: list[str] = []
-    real_chunk, real_step = RunningBatch.run_chunk, RunningBatch.step
+    real_chunk, real_step = Prefills.run_chunk, RunningBatch.step
 
-    def chunk(self: RunningBatch, job: Any) -> Any:
+    def chunk(self: Prefills, job: Any, budget: int) -> Any:
         log.append(f"chunk{len(job.rows[0].prompt)}")
-        return real_chunk(self, job)
+        return real_chunk(self, job, budget)
 
     def step(self: RunningBatch) -> None:
         log.append("step")
         real_step(self)
 
-    monkeypatch.setattr(RunningBatch, "run_chunk", chunk)
+    monkeypatch.setattr(Prefills, "run_chunk", chunk)
     monkeypatch.setattr(RunningBatch, "step", step)
     long_prompt = [10 + (7 * i) % 200 for i in range(200)]
     running = {"prompt": "Hi", "max_new_tokens": 120, "ignore_eos": True}

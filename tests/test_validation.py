@@ -117,12 +117,12 @@ def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
 def test_unexpected_failure_is_a_json_500_without_traceback(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from textgen.engine.batch import RunningBatch
+    from textgen.engine.prefill import Prefills
 
-    def explode(self: RunningBatch, job: Any) -> None:
+    def explode(self: Prefills, job: Any, budget: int) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(RunningBatch, "run_chunk", explode)
+    monkeypatch.setattr(Prefills, "run_chunk", explode)
     response = client.post("/generate", json={"prompt": "Hi"})
     error = assert_error(response, 500)
     assert "secret" not in response.get_data(as_text=True)

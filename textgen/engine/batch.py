@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import time
-from collections import deque
 from functools import partial
 from typing import Any
 
@@ -18,23 +16,15 @@ from textgen.engine.draft import NgramDraft
 from textgen.engine.events import Delta, Finished, TokenLogprob
 from textgen.engine.kvcache import BatchCache, merge_masks
 from textgen.engine.logprobs import token_logprob
-from textgen.engine.prefill import Prefill
+from textgen.engine.prefill import Prefills
 from textgen.engine.prefix import PrefixCache
 from textgen.engine.recorder import Recorder
 from textgen.engine.request import RequestHandle, Unit
 from textgen.engine.sampling import TokenChooser
 from textgen.engine.sequence import BeamRow, Row, Sequence
-from textgen.errors import RequestRejected
 from textgen.generation.finish import StoppingCriteria
 from textgen.generation.stopping import StopSequenceMatcher
 from textgen.models.loading import LoadedModel
-
-log = logging.getLogger(__name__)
-
-# While rows are decoding, a prefill chunk is sized to take about this long (and at least
-# MIN_CHUNK_TOKENS): the time it adds between their tokens.
-SHARED_CHUNK_S = 0.05
-MIN_CHUNK_TOKENS = 4
 
 
 def unit_rows(handle: RequestHandle, unit: Unit, loaded: LoadedModel) -> list[Row]:
@@ -85,24 +75,22 @@ class RunningBatch:
         chunk_tokens: int = 256,
     ) -> None:
         self.prefixes = prefixes
-        # transformers' forward: prefills without a compiled decoder, and prompts whose every
-        # position's logits are wanted.
-        self.transformers = DecodeStep(model)
-        # The compiled decoder, when the model has one, runs both prefills and decode steps.
+        # The compiled decoder, when the model has one, runs both prefills and decode steps;
+        # transformers' forward the rest (and prompts whose every position's logits are wanted).
+        transformers = DecodeStep(model)
         compiled = CompiledForward(model, program) if program is not None else None
-        self.forward: DecodeStep | CompiledForward = compiled or self.transformers
         self.decode: DecodeStep | CompiledForward = compiled or decode_step_for(model)
+        self.prefills = Prefills(
+            compiled or transformers, transformers, prefixes, pad_token_id, record, chunk_tokens
+        )
         # A lone greedy row checks up to this many tokens guessed from its text per step (the
         # compiled decoder does a few tokens of one row in little more than the time of one).
         self.draft_tokens = draft_tokens if compiled is not None else 0
-        self.chunk_tokens = chunk_tokens
-        self.prefill_speed: float | None = None  # prompt tokens a second, recent chunks
         self.pad_token_id = pad_token_id
         self.record = record
         self.rows: list[Row] = []
         self.cache: BatchCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
-        self.prefilling: deque[Prefill] = deque()
         self.departed: list[Row] = []  # rows that left since the engine last looked
 
     def __len__(self) -> int:
@@ -111,117 +99,32 @@ class RunningBatch:
     @property
     def occupied(self) -> int:
         """Rows decoding or being prefilled (a prompt's beams count in full)."""
-        waiting = sum(
-            row.handle.job.params.num_beams for job in self.prefilling for row in job.rows
-        )
+        waiting = sum(row.handle.job.params.num_beams for row in self.prefills.rows())
         return len(self.rows) + waiting
 
     def holds(self, handle: RequestHandle) -> bool:
         """Whether any of the request's rows is decoding or being prefilled."""
         return any(row.handle is handle for row in self.rows) or any(
-            row.handle is handle for job in self.prefilling for row in job.rows
+            row.handle is handle for row in self.prefills.rows()
         )
 
     def clear(self) -> None:
         """Drop every row and prefill (after an unexpected error in a decode step)."""
         self.departed.extend(self.rows)
-        self.departed.extend(row for job in self.prefilling for row in job.rows)
+        self.departed.extend(self.prefills.clear())
         self.rows, self.cache, self.mask = [], None, None
-        self.prefilling.clear()
 
     # --- prefills ------------------------------------------------------------------------
     def start(self, rows: list[Row]) -> None:
-        """Queue new rows for their prefill: prompts whose start is in the prefix cache
-        compute only the rest, together; the others together, whole."""
-        fresh, continuing, hits = [], [], []
-        for row in rows:
-            # Echoed prompts want logprobs for every prompt position, so run whole.
-            hit = None
-            if self.prefixes is not None and not row.handle.job.params.prompt_logprobs:
-                hit = self.prefixes.match(row.prompt)
-            if hit is None:
-                fresh.append(row)
-            else:
-                continuing.append(row)
-                hits.append(hit)
-        pad = self.pad_token_id
-        if fresh:
-            self.prefilling.append(Prefill.build(fresh, [0] * len(fresh), [], pad))
-        if continuing:
-            kept = [kv for _, kv in hits]
-            self.prefilling.append(Prefill.build(continuing, [n for n, _ in hits], kept, pad))
+        """Queue new rows for their prefill."""
+        self.prefills.start(rows)
 
     def prefill_next(self) -> None:
-        """One chunk of the prefill whose turn it is (they take turns, so a short prompt is not
-        stuck behind a long one); a complete prefill's rows join the batch.
-
-        A failure stays with the requests in that prefill: one request's prefill that fails
-        fails it alone; several together are tried again one request at a time.
-        """
-        job = self.prefilling.popleft()
-        if all(row.handle.abandoned for row in job.rows):
-            self.departed.extend(job.rows)
-            return
-        try:
-            logits = self.run_chunk(job)
-        except Exception as exc:
-            handles = {row.handle for row in job.rows}
-            if len(handles) > 1:
-                log.warning("a prefill of %d requests failed; retrying each alone", len(handles))
-                self.prefilling.extendleft(reversed(job.split(self.pad_token_id)))
-                return
-            log.exception("a prefill failed")
-            fail(job.rows[0].handle, exc)
-            self.departed.extend(job.rows)
-            return
-        if not job.complete:
-            self.prefilling.append(job)
-            return
-        self.finish_prefill(job, logits)
-
-    def chunk_budget(self) -> int:
-        """Prompt tokens for the next prefill chunk: ``chunk_tokens`` while no row is decoding;
-        while rows are, as many as take about SHARED_CHUNK_S at the measured prefill speed, so
-        that a long prompt adds at most that to their time between tokens."""
-        if not self.rows or self.prefill_speed is None:
-            return self.chunk_tokens
-        fitting = int(self.prefill_speed * SHARED_CHUNK_S)
-        return max(MIN_CHUNK_TOKENS, min(self.chunk_tokens, fitting))
-
-    def run_chunk(self, job: Prefill) -> torch.Tensor:
-        """Compute the job's next columns; the logits of its last position [rows, vocab]."""
-        started = time.perf_counter()
-        start, end = job.next_columns(self.chunk_budget())
-        ids, positions = job.ids[:, start:end], job.positions[:, start:end]
-        mask = job.mask[:, : job.past + end]
-        if job.echo:
-            every = self.transformers.forward(ids, positions, mask, job.cache, logits_to_keep=0)
-            job.record_logprobs(every, start)
-            logits = every[:, -1, :]
-        else:
-            logits = self.forward(ids, positions, mask, job.cache)
-        job.done = end
-        speed = ids.numel() / max(time.perf_counter() - started, 1e-6)
-        # Later chunks attend over more columns, so the speed is followed, not averaged.
-        previous = self.prefill_speed
-        self.prefill_speed = speed if previous is None else 0.5 * previous + 0.5 * speed
-        return logits
-
-    def finish_prefill(self, job: Prefill, logits: torch.Tensor) -> None:
-        if job.past:
-            self.record.cached(sum(job.reused))
-            for row, n in zip(job.rows, job.reused, strict=True):
-                row.handle.cached_tokens[row.prompt_index] = n
-        if self.prefixes is not None:
-            past, new = job.past, job.width
-            for number, (row, n) in enumerate(zip(job.rows, job.reused, strict=True)):
-                r = len(row.prompt) - n
-                # The kept columns, then the computed ones (the gap between is padding).
-                columns = torch.cat(
-                    [torch.arange(past - n, past), torch.arange(past + new - r, past + new)]
-                )
-                self.prefixes.store(row.prompt, partial(job.cache.copy_row, number, columns))
-        self.join(job.rows, job.cache, job.mask, logits)
+        """One chunk of the prefill whose turn it is; a complete prefill's rows join the batch."""
+        done = self.prefills.next(bool(self.rows), self.departed)
+        if done is not None:
+            job, logits = done
+            self.join(job.rows, job.cache, job.mask, logits)
 
     def join(
         self, rows: list[Row], cache: BatchCache, mask: torch.Tensor, logits: torch.Tensor
@@ -329,7 +232,7 @@ class RunningBatch:
                 logprob = None if wanted is None else token_logprob(logits[number], token, wanted)
                 self.take(row, token, logprob, now)
             except Exception as exc:
-                fail(row.handle, exc)
+                row.handle.fail_with(exc)
         if searches:
             self.advance_beams(rows, logits, searches, offset, now)
 
@@ -398,7 +301,7 @@ class RunningBatch:
                 self.post_beams(handle, first.prompt_index, search, expired)
                 return None
         except Exception as exc:
-            fail(handle, exc)
+            handle.fail_with(exc)
             return None
         return [
             (parent, BeamRow(handle, first.prompt_index, first.prompt, token, search=search))
@@ -446,12 +349,3 @@ class RunningBatch:
         if unused:
             self.cache.drop_leading(unused)
             self.mask = self.mask[:, unused:]
-
-
-def fail(handle: RequestHandle, exc: Exception) -> None:
-    """End one request after an error in its own work: a 400 when the request caused it."""
-    if isinstance(exc, RequestRejected):
-        handle.fail(str(exc), True, exc.code or "invalid_request", exc.param)
-        return
-    log.error("request %s failed: %r", handle.id, exc, exc_info=exc)
-    handle.fail(f"generation failed: {type(exc).__name__}")

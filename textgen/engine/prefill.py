@@ -4,18 +4,32 @@ the whole prompt nor holds the logits of every position at once."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from textgen.engine.compiled import CompiledForward
+from textgen.engine.decode import DecodeStep
 from textgen.engine.kvcache import BatchCache
 from textgen.engine.logprobs import following_logprobs
-from textgen.engine.prefix import LayerKV
+from textgen.engine.prefix import LayerKV, PrefixCache
+from textgen.engine.recorder import Recorder
 from textgen.engine.sequence import Row
+
+log = logging.getLogger(__name__)
 
 # An echoed prompt's chunk keeps every position's logits (rows x columns x vocabulary floats):
 # at most this many positions per chunk, 25 MB for a 49k vocabulary.
 ECHO_CHUNK_TOKENS = 128
+# While rows are decoding, a prefill chunk is sized to take about this long (and at least
+# MIN_CHUNK_TOKENS): the time it adds between their tokens.
+SHARED_CHUNK_S = 0.05
+MIN_CHUNK_TOKENS = 4
 
 
 @dataclass
@@ -104,3 +118,133 @@ class Prefill:
             chunk = logits[row_number, low - start : high - start]
             entries = following_logprobs(chunk, targets, top)
             handle.prompt_logprobs[row.prompt_index].extend(entries)
+
+
+class Prefills:
+    """The prefills under way. They take turns, a chunk each (so a short prompt is not stuck
+    behind a long one), and chunks are sized by the prefill speed measured on recent ones."""
+
+    def __init__(
+        self,
+        forward: DecodeStep | CompiledForward,
+        transformers: DecodeStep,
+        prefixes: PrefixCache | None,
+        pad_token_id: int,
+        record: Recorder,
+        chunk_tokens: int,
+    ) -> None:
+        self.forward = forward  # the compiled decoder when the model has one
+        self.transformers = transformers  # for prompts whose every position's logits are wanted
+        self.prefixes = prefixes
+        self.pad_token_id = pad_token_id
+        self.record = record
+        self.chunk_tokens = chunk_tokens
+        self.speed: float | None = None  # prompt tokens a second, recent chunks
+        self.jobs: deque[Prefill] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs)
+
+    def rows(self) -> Iterator[Row]:
+        """Every row being prefilled."""
+        return (row for job in self.jobs for row in job.rows)
+
+    def clear(self) -> list[Row]:
+        """Drop every prefill; their rows."""
+        rows = list(self.rows())
+        self.jobs.clear()
+        return rows
+
+    def start(self, rows: list[Row]) -> None:
+        """Queue new rows: prompts whose start is in the prefix cache compute only the rest,
+        together; the others together, whole."""
+        fresh, continuing, hits = [], [], []
+        for row in rows:
+            # Echoed prompts want logprobs for every prompt position, so run whole.
+            hit = None
+            if self.prefixes is not None and not row.handle.job.params.prompt_logprobs:
+                hit = self.prefixes.match(row.prompt)
+            if hit is None:
+                fresh.append(row)
+            else:
+                continuing.append(row)
+                hits.append(hit)
+        pad = self.pad_token_id
+        if fresh:
+            self.jobs.append(Prefill.build(fresh, [0] * len(fresh), [], pad))
+        if continuing:
+            kept = [kv for _, kv in hits]
+            self.jobs.append(Prefill.build(continuing, [n for n, _ in hits], kept, pad))
+
+    def next(self, decoding: bool, departed: list[Row]) -> tuple[Prefill, torch.Tensor] | None:
+        """One chunk of the prefill whose turn it is; when that completes it, the prefill and
+        the logits of its rows' last positions. Rows that leave go to ``departed``.
+
+        A failure stays with the requests in that prefill: one request's prefill that fails
+        fails it alone; several together are tried again one request at a time.
+        """
+        job = self.jobs.popleft()
+        if all(row.handle.abandoned for row in job.rows):
+            departed.extend(job.rows)
+            return None
+        try:
+            logits = self.run_chunk(job, self.chunk_budget(decoding))
+        except Exception as exc:
+            handles = {row.handle for row in job.rows}
+            if len(handles) > 1:
+                log.warning("a prefill of %d requests failed; retrying each alone", len(handles))
+                self.jobs.extendleft(reversed(job.split(self.pad_token_id)))
+                return None
+            log.exception("a prefill failed")
+            job.rows[0].handle.fail_with(exc)
+            departed.extend(job.rows)
+            return None
+        if not job.complete:
+            self.jobs.append(job)
+            return None
+        self.finish(job)
+        return job, logits
+
+    def chunk_budget(self, decoding: bool) -> int:
+        """Prompt tokens for the next chunk: ``chunk_tokens`` while no row is decoding; while
+        rows are, as many as take about SHARED_CHUNK_S at the measured speed, so that a long
+        prompt adds at most that to their time between tokens."""
+        if not decoding or self.speed is None:
+            return self.chunk_tokens
+        fitting = int(self.speed * SHARED_CHUNK_S)
+        return max(MIN_CHUNK_TOKENS, min(self.chunk_tokens, fitting))
+
+    def run_chunk(self, job: Prefill, budget: int) -> torch.Tensor:
+        """Compute the job's next columns, about ``budget`` tokens; the logits of its last
+        position [rows, vocab]."""
+        started = time.perf_counter()
+        start, end = job.next_columns(budget)
+        ids, positions = job.ids[:, start:end], job.positions[:, start:end]
+        mask = job.mask[:, : job.past + end]
+        if job.echo:
+            every = self.transformers.forward(ids, positions, mask, job.cache, logits_to_keep=0)
+            job.record_logprobs(every, start)
+            logits = every[:, -1, :]
+        else:
+            logits = self.forward(ids, positions, mask, job.cache)
+        job.done = end
+        speed = ids.numel() / max(time.perf_counter() - started, 1e-6)
+        # Later chunks attend over more columns, so the speed is followed, not averaged.
+        self.speed = speed if self.speed is None else 0.5 * self.speed + 0.5 * speed
+        return logits
+
+    def finish(self, job: Prefill) -> None:
+        """Count a complete prefill's reused tokens and keep its prompts for reuse."""
+        if job.past:
+            self.record.cached(sum(job.reused))
+            for row, n in zip(job.rows, job.reused, strict=True):
+                row.handle.cached_tokens[row.prompt_index] = n
+        if self.prefixes is not None:
+            past, new = job.past, job.width
+            for number, (row, n) in enumerate(zip(job.rows, job.reused, strict=True)):
+                r = len(row.prompt) - n
+                # The kept columns, then the computed ones (the gap between is padding).
+                columns = torch.cat(
+                    [torch.arange(past - n, past), torch.arange(past + new - r, past + new)]
+                )
+                self.prefixes.store(row.prompt, partial(job.cache.copy_row, number, columns))

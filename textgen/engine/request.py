@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -13,6 +14,9 @@ from typing import Any
 
 from textgen.engine.events import Event, Failed, Finished, TokenLogprob
 from textgen.engine.runner import Job
+from textgen.errors import RequestRejected
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,11 @@ class RequestHandle:
     ) -> None:
         """End the request with an error event (its rows are dropped at the next eviction)."""
         self.post(Failed(message, client_error, code, param))
+
+    def fail_with(self, exc: Exception) -> None:
+        """End the request after an error in its own work: a 400 when the request caused it."""
+        if isinstance(exc, RequestRejected):
+            self.fail(str(exc), True, exc.code or "invalid_request", exc.param)
+            return
+        log.error("request %s failed: %r", self.id, exc, exc_info=exc)
+        self.fail(f"generation failed: {type(exc).__name__}")

@@ -199,7 +199,7 @@ class Engine:
         batch = self._batch
         while True:
             with self._wake:
-                while not (self._waiting or batch.rows or batch.prefilling or self._stopping):
+                while not (self._waiting or batch.rows or batch.prefills or self._stopping):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -210,7 +210,7 @@ class Engine:
                 with torch.inference_mode():
                     if rows:
                         batch.start(rows)
-                    if batch.prefilling:
+                    if batch.prefills:
                         batch.prefill_next()
                         batch.evict()  # rows whose first choice failed have no input
                     if batch.rows:
@@ -230,7 +230,7 @@ class Engine:
                 self._publish_gauges()
         with self._wake:
             leftover = set(self._waiting) | {row.handle for row in batch.rows}
-            leftover |= {row.handle for job in batch.prefilling for row in job.rows}
+            leftover |= {row.handle for row in batch.prefills.rows()}
             self._waiting.clear()
         batch.clear()
         for handle in leftover:
