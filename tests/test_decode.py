@@ -82,6 +82,23 @@ def test_qwen2_step_equals_transformers() -> None:
         assert torch.equal(expected, got)
 
 
+def test_the_compiled_steps_rotary_lookup_equals_computing_it() -> None:
+    """The compiled step looks its positions' cos and sin up in a table it grows: the values
+    must be those computed for the positions themselves, bit for bit, whatever the shape."""
+    from textgen.engine.compiled import CompiledForward
+    from textgen.engine.decode import rotary_tables
+
+    model = tiny_qwen2()
+    forward = CompiledForward(model, program=None)
+    generator = torch.Generator().manual_seed(1)
+    for shape, high in [((1, 1), 10), ((16, 1), 300), ((3, 7), 600), ((1, 256), 2000)]:
+        positions = torch.randint(0, high, shape, generator=generator)
+        expected = rotary_tables(positions, model.model.rotary_emb, forward.head_dim)
+        looked_up = forward.rotary(positions)
+        assert all(torch.equal(a, b) for a, b in zip(looked_up, expected, strict=True))
+    assert forward.rotary_table is not None and len(forward.rotary_table[0]) >= 2000
+
+
 def test_other_architectures_take_the_transformers_forward(model_dirs) -> None:
     gpt2 = AutoModelForCausalLM.from_pretrained(model_dirs["tiny-gpt2"])
     assert type(decode_step_for(gpt2)) is DecodeStep

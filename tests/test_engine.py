@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from flask import Flask
 
 from tests.conftest import in_threads
@@ -174,3 +175,19 @@ def test_a_prefill_chunk_shrinks_while_rows_decode(app: Flask) -> None:
     assert prefills.chunk_budget(decoding=True) == MIN_CHUNK_TOKENS
     prefills.speed = 1e9
     assert prefills.chunk_budget(decoding=True) == whole
+
+
+def test_argmaxes_choose_as_torch_argmax_does() -> None:
+    """The greedy pick goes through NumPy: the first of equal scores, NaN above all, -inf rows,
+    bfloat16 logits, and one row or many, as torch.argmax chooses."""
+    from textgen.engine.sampling import argmaxes
+
+    nan, inf = float("nan"), float("inf")
+    rows = [[1.0, nan, 3.0, nan], [2.0, 5.0, 5.0, 1.0], [-inf] * 4, [inf, 1.0, inf, 0.0]]
+    logits = torch.tensor(rows)
+    assert argmaxes(logits) == logits.argmax(-1).tolist() == [1, 1, 0, 0]
+    random = torch.randn(16, 3, 1000)
+    assert argmaxes(random) == random.argmax(-1).tolist()
+    assert argmaxes(random[:, 1]) == random[:, 1].argmax(-1).tolist()  # a strided view
+    halves = random[0].to(torch.bfloat16)
+    assert argmaxes(halves) == halves.argmax(-1).tolist()

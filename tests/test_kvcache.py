@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from textgen.engine.kvcache import BatchCache, SlotLayer, stack_right_aligned
@@ -69,3 +70,18 @@ def test_make_room_gives_contiguous_buffers_that_keep_what_they_hold() -> None:
     assert torch.equal(held.slots[0].current()[0], before)  # the 4 filled columns kept
     held.make_room(layers=1, rows=2, heads=1, dim=1, columns=6)
     assert held.slots[0].key_buffer is after  # room enough: no copy
+
+
+def test_a_layers_keys_and_values_follow_its_length() -> None:
+    """transformers reads a layer's ``keys`` and ``values``: views of the filled columns, made
+    when read, so a length set directly (as the compiled step does) is what they show."""
+    layer = SlotLayer()
+    assert layer.keys is None and layer.values is None
+    layer.update(torch.ones(1, 1, 3, 2), torch.full((1, 1, 3, 2), 2.0))
+    assert layer.keys is not None and layer.keys.shape[-2] == 3
+    layer.length = 2
+    assert layer.keys.shape[-2] == 2 and layer.values is not None
+    assert layer.values.shape[-2] == 2 and float(layer.values.sum()) == 8.0
+    assert layer.keys.data_ptr() == layer.key_buffer.data_ptr()  # a view, not a copy
+    with pytest.raises(TypeError):
+        layer.keys = torch.zeros(1, 1, 1, 2)  # written through the buffers only

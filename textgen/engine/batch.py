@@ -20,7 +20,7 @@ from textgen.engine.prefill import Prefills
 from textgen.engine.prefix import PrefixCache
 from textgen.engine.recorder import Recorder
 from textgen.engine.request import RequestHandle, Unit
-from textgen.engine.sampling import TokenChooser
+from textgen.engine.sampling import TokenChooser, argmaxes
 from textgen.engine.sequence import BeamRow, Row, Sequence
 from textgen.generation.finish import StoppingCriteria
 from textgen.generation.stopping import StopSequenceMatcher
@@ -187,7 +187,7 @@ class RunningBatch:
         count = len(draft) + 1
         ids = torch.tensor([[sequence.next_input, *draft]])
         positions = self.grow(count)
-        picks = self.decode.every(ids, positions, self.mask, self.cache)[0].argmax(-1).tolist()
+        picks = argmaxes(self.decode.every(ids, positions, self.mask, self.cache)[0])
         now = time.perf_counter()
         taken = 0
         for index, token in enumerate(picks):
@@ -214,7 +214,7 @@ class RunningBatch:
         picks: dict[int, int] = {}
         if plain:
             chosen = logits if len(plain) == len(rows) else logits[plain]  # no copy if all
-            picks = dict(zip(plain, chosen.argmax(dim=-1).tolist(), strict=True))
+            picks = dict(zip(plain, argmaxes(chosen), strict=True))
         searches: dict[int, list[int]] = {}
         for number, row in enumerate(rows):
             if isinstance(row, BeamRow):

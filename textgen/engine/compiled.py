@@ -30,6 +30,20 @@ class CompiledForward:
         if not self.learned_positions:
             attention = model.model.layers[0].self_attn
             self.rotary_dim = getattr(attention, "rotary_ndims", self.head_dim)
+        # The rotary cos and sin of positions 0, 1, ... (grown when a later one is wanted): a
+        # step looks its positions up (computing them took 0.06 ms of a 7 ms one-row step).
+        self.rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin of ``positions`` [*, rotary_dim], the same values bit for bit
+        as rotary_tables computes for them (each an elementwise function of its position)."""
+        needed = int(positions.max()) + 1
+        if self.rotary_table is None or needed > len(self.rotary_table[0]):
+            size = max(needed, 2 * len(self.rotary_table[0]) if self.rotary_table else 512)
+            rotary = self.model.model.rotary_emb
+            self.rotary_table = rotary_tables(torch.arange(size), rotary, self.rotary_dim)
+        cos, sin = self.rotary_table
+        return cos[positions], sin[positions]
 
     def embedded(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The program's inputs before the mask: the new tokens' embeddings and (families with
@@ -37,9 +51,7 @@ class CompiledForward:
         if self.learned_positions:
             inner = self.model.transformer
             return (inner.wte(ids) + inner.wpe(positions),)
-        inner = self.model.model
-        cos, sin = rotary_tables(positions, inner.rotary_emb, self.rotary_dim)
-        return inner.embed_tokens(ids), cos, sin
+        return (self.model.model.embed_tokens(ids), *self.rotary(positions))
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
@@ -82,5 +94,5 @@ class CompiledForward:
         values = [slot.value_buffer for slot in cache.slots]
         logits = self.program(*self.embedded(ids, positions), visible, keys, values, new, wanted)
         for slot in cache.slots:
-            slot.set_length(columns)
+            slot.length = columns
         return logits

