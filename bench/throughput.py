@@ -220,7 +220,7 @@ def served(source: Path | None, dtype: str | None) -> dict[str, str]:
     random weights make drafts meaningless: off)."""
     if source is None:
         return {} if dtype is None else {"TEXTGEN_MODELS": f"smollm2-135m-instruct#{dtype}"}
-    entry = {"name": source.name, "source": str(source), "dtype": dtype or "int8"}
+    entry = {"name": source.name, "source": str(source.resolve()), "dtype": dtype or "int8"}
     return {"TEXTGEN_MODELS": json.dumps([entry]), "TEXTGEN_DRAFT_TOKENS": "0"}
 
 
