@@ -86,7 +86,6 @@ class RunningBatch:
         # A lone greedy row checks up to this many tokens guessed from its text per step (the
         # compiled decoder does a few tokens of one row in little more than the time of one).
         self.draft_tokens = draft_tokens if compiled is not None else 0
-        self.pad_token_id = pad_token_id
         self.record = record
         self.rows: list[Row] = []
         self.cache: BatchCache | None = None

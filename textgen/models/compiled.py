@@ -44,6 +44,10 @@ INDUCTOR_SETTINGS = {
     "max_autotune_gemm_backends": "CPP,ATEN",
     # Weights become constants, so the templates can lay them out for their kernels.
     "freezing": True,
+    # The timings go to the package's tuning record; Inductor's own reports of them (blocks
+    # on stderr for each matmul) would bury the log of a first start.
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
 }
 
 
