@@ -74,8 +74,8 @@ def stream_seed(seed: int, index: int) -> int:
 
 def argmaxes(logits: torch.Tensor) -> list[int]:
     """Each row's highest-scoring token (logits [rows, vocabulary]): the first of equals and
-    NaN above all, as torch.argmax. Through NumPy: torch's CPU argmax took
-    52 us for one 49,152-token row and 404 us for 16 rows, NumPy's 5 and 62."""
+    NaN above all, as torch.argmax. Through NumPy: torch's CPU argmax took 52 us for one
+    49,152-token row and 404 us for 16 rows, NumPy's 5 and 62."""
     if logits.dtype == torch.bfloat16:  # NumPy has none; float32 holds each value exactly
         logits = logits.float()
     return list(logits.detach().numpy().argmax(axis=-1).tolist())
