@@ -83,8 +83,9 @@ class SlotLayer(DynamicLayer):
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The filled part of the keys and values (views into the buffers)."""
-        assert self.key_buffer is not None and self.value_buffer is not None
-        return self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.length
