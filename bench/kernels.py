@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from textgen.models.quantize import INT4_GROUP, int4_groups
+
 REPO = Path(__file__).resolve().parent.parent
-BLOCK = 32
+BLOCK = INT4_GROUP  # activations are rounded in the weights' blocks
 
 # out[m, n] = sum over blocks b of d[n,b] * dx[m,b] * dot(codes[n,b], q[m,b]) + min[n,b] * sx[m,b]
 # (codes 0-15, q int8; sx = dx * sum(q)), rows in groups of 4 so that each block's weights are
@@ -117,15 +119,12 @@ def quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def quantized_weights(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Q4_1: packed codes (column j low nibble, j + 16 high), scales, minimums, and the float
-    weights they stand for."""
-    rows, columns = w.shape
-    blocks = w.reshape(rows, columns // BLOCK, BLOCK)
-    low, high = blocks.amin(-1), blocks.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8)
-    codes = torch.round((blocks - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    """Q4_1, rounded as textgen's int4 weights are: packed codes (column j low nibble, j + 16
+    high), scales, minimums, and the float weights they stand for."""
+    codes, scale, low = int4_groups(w)
+    dequantized = (codes * scale[..., None] + low[..., None]).reshape(w.shape)
+    codes = codes.to(torch.uint8)
     packed = (codes[..., :16] | (codes[..., 16:] << 4)).contiguous()
-    dequantized = (codes.float() * scale[..., None] + low[..., None]).reshape(rows, columns)
     return packed, scale.contiguous(), low.contiguous(), dequantized
 
 

@@ -104,12 +104,8 @@ class Int4Linear(WeightOnlyLinear):
     @staticmethod
     def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
         weight = linear.weight.detach().float()
-        rows, columns = weight.shape
-        groups = weight.reshape(rows, columns // INT4_GROUP, INT4_GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-8)
-        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        codes = codes.to(torch.int32).reshape(rows, columns)
+        codes, scale, low = int4_groups(weight)
+        codes = codes.to(torch.int32).reshape(weight.shape)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
         return {"packed": packed, "scale_zero": scale_zero.contiguous().to(torch.bfloat16)}
@@ -118,6 +114,18 @@ class Int4Linear(WeightOnlyLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, INT4_GROUP, self.scale_zero
         )
+
+
+def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` [rows, columns] rounded to 4 bits in groups of INT4_GROUP columns: the codes
+    0-15 [rows, groups, INT4_GROUP] (float), each group's scale and minimum [rows, groups];
+    ``w = code * scale + minimum``."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    return codes, scale, low
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
