@@ -9,12 +9,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from textgen.models import cpu
+from textgen.models.cpu import cpu_flags
 
 MARKER = "textgen-source.json"
 # Weight formats prepared into quantized/ (the others are the model directory's own tensors).
@@ -28,23 +30,6 @@ COMPILED_FORMAT = 5
 CONV1D_FORMAT = 2
 # What writing into a cache mounted read-only (or owned by another user) fails with.
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def compiler_available() -> bool:
-    """Compiled decoders are C++ that Inductor builds with the system's compiler."""
-    return shutil.which(os.environ.get("CXX", "c++")) is not None
-
-
-def cpu_flags() -> str:
-    """The CPU's vector instruction sets, as /proc/cpuinfo names them ("" elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return " ".join(sorted(f for f in line.split() if f.startswith(("avx", "amx", "fma"))))
-    return ""
 
 
 class ModelCache:
@@ -91,7 +76,7 @@ class ModelCache:
         absolute path and the files' times. A directory inside the cache (a conversion or a
         Hub snapshot) is already named by its content: it is keyed by its place in the cache
         and its files' names and sizes, so a copied or re-mounted cache stays valid. int4 is
-        also keyed by the torch version (it is stored in the layout of PyTorch's kernel).
+        also keyed by its layout: PyTorch's kernel's (by the torch version) or textgen's.
         """
         files = sorted(model_dir.glob("*.safetensors"))
         try:
@@ -100,7 +85,9 @@ class ModelCache:
         except ValueError:  # outside the cache
             place = str(model_dir.resolve())
             stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-        layout = metadata.version("torch") if dtype == "int4" else ""
+        layout = ""
+        if dtype == "int4":  # PyTorch's kernel's layout, or textgen's (q4.py)
+            layout = cpu.Q4_FORMAT if cpu.q4_preferred() else metadata.version("torch")
         parts: list[Any] = [place, stamp, layout]
         if model_type(model_dir) == "gpt2":  # Conv1D layers quantized too since format 2
             parts.append(CONV1D_FORMAT)

@@ -24,14 +24,16 @@ from typing import Any, Protocol
 
 import torch
 
+from textgen.models import q4
 from textgen.models.aoti import CompiledPackage
 from textgen.models.architecture import compilable, family
-from textgen.models.cache import ModelCache, compiler_available
+from textgen.models.cache import ModelCache
+from textgen.models.cpu import compiler_available
 from textgen.models.decoders.base import Program
 from textgen.models.decoders.gpt2 import GPT2Program
 from textgen.models.decoders.llama import LlamaProgram
 from textgen.models.decoders.phi import PhiProgram
-from textgen.models.quantize import Int4Linear, Int8Linear
+from textgen.models.quantize import Int4Linear, Int8Linear, Q4Linear
 from textgen.models.sources import damaged
 from textgen.models.tuning import Tuning, warn_if_slow, write_record
 from textgen.models.tuning import check as tuning_check
@@ -68,7 +70,7 @@ def supports(model: Any, dtype: str) -> bool:
     int8 (which int4 keeps there)."""
     if not compilable(model.config, dtype):
         return False
-    kind = Int4Linear if dtype == "int4" else Int8Linear
+    kind = (Int4Linear, Q4Linear) if dtype == "int4" else Int8Linear
     projections = program_class(model).projections(model)
     return isinstance(model.lm_head, Int8Linear) and all(
         isinstance(linear, kind) for linear in projections
@@ -136,10 +138,13 @@ def compile_program(model: Any, target: Path, deterministic: bool = True) -> dic
         exported = torch.export.export(program, example_inputs(program), dynamic_shapes=shapes)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.stem}.{os.getpid()}.partial.pt2")
+    settings = dict(INDUCTOR_SETTINGS)
+    if any(isinstance(linear, Q4Linear) for linear in program_class(model).projections(model)):
+        settings.update(q4.inductor_settings())  # the decoder calls textgen's int4 kernel
     tuning = Tuning()
     with tuning.robust():
         torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(staging), inductor_configs=dict(INDUCTOR_SETTINGS)
+            exported, package_path=str(staging), inductor_configs=settings
         )
     # A one-row decode step, compiled and eager (the step whose speed the weights decide).
     inputs = example_inputs(program, rows=1, tokens=1)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from textgen.models import float16
+from textgen.models import cpu, float16, q4
 from textgen.models.cache import ModelCache
 from textgen.models.layers import linear_layers, linearize
 from textgen.models.sources import ModelUnavailable, damaged
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # int4 weights share one scale and one zero point per group of this many input columns: the
 # embedded model's Q4_1 blocks are 32 wide, so its weights survive with only the rounding of
 # each block's scale and minimum to bfloat16.
-INT4_GROUP = 32
+INT4_GROUP = q4.BLOCK
 
 
 class WeightOnlyLinear(torch.nn.Module):
@@ -104,7 +104,7 @@ class Int4Linear(WeightOnlyLinear):
     @staticmethod
     def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
         weight = linear.weight.detach().float()
-        codes, scale, low = int4_groups(weight)
+        codes, scale, low = q4.int4_groups(weight)
         codes = codes.to(torch.int32).reshape(weight.shape)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
@@ -116,16 +116,32 @@ class Int4Linear(WeightOnlyLinear):
         )
 
 
-def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``weight`` [rows, columns] rounded to 4 bits in groups of INT4_GROUP columns: the codes
-    0-15 [rows, groups, INT4_GROUP] (float), each group's scale and minimum [rows, groups];
-    ``w = code * scale + minimum``."""
-    rows, columns = weight.shape
-    groups = weight.reshape(rows, columns // INT4_GROUP, INT4_GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8)
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-    return codes, scale, low
+class Q4Linear(WeightOnlyLinear):
+    """4-bit weights in textgen's own kernel (q4.py) for CPUs without AVX-512: Q4_1 blocks of
+    INT4_GROUP input columns, activations rounded to int8 in the same blocks; ``q4`` holds them
+    in the kernel's layout (q4.quantized)."""
+
+    q4: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, columns: int, bias: Any) -> None:
+        super().__init__(bias)
+        self.register_buffer("q4", packed)
+        self.in_features = columns
+
+    @staticmethod
+    def fits(linear: torch.nn.Linear) -> bool:
+        """The kernel takes output rows by 4 and input columns by pairs of blocks."""
+        rows, columns = linear.weight.shape
+        return rows % 4 == 0 and columns % (2 * INT4_GROUP) == 0
+
+    @staticmethod
+    def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
+        return {"q4": q4.quantized(linear.weight)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = q4.matmul(x.reshape(-1, x.shape[-1]), self.q4, self.in_features)
+        out = out.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return out if self.bias is None else out + self.bias
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
@@ -159,16 +175,16 @@ def quantized_tensors(model: torch.nn.Module, dtype: str) -> dict[str, torch.Ten
 
     In int4, the output layer stays int8 (it is the most sensitive to rounding, and GGUF
     files keep it at 8 bits too: the embedded model's is Q8_0), and so does a layer the int4
-    kernel cannot take (odd shapes).
+    kernel cannot take (odd shapes). int4 is PyTorch's kernel's layout (Int4Linear) or, where
+    cpu.q4_preferred(), textgen's (Q4Linear).
     """
     output = getattr(model, "get_output_embeddings", lambda: None)()
+    int4: type[Int4Linear] | type[Q4Linear] = Q4Linear if cpu.q4_preferred() else Int4Linear
     tensors: dict[str, torch.Tensor] = {}
     for key, parent, attr in layer_names(model):
         linear = getattr(parent, attr)
-        kind: type[Int4Linear] | type[Int8Linear] = (
-            Int4Linear
-            if dtype == "int4" and linear is not output and Int4Linear.fits(linear)
-            else Int8Linear
+        kind: type[Int4Linear] | type[Q4Linear] | type[Int8Linear] = (
+            int4 if dtype == "int4" and linear is not output and int4.fits(linear) else Int8Linear
         )
         parts = kind.quantized(linear)
         tensors.update({f"{key}.{name}": tensor for name, tensor in parts.items()})
@@ -179,10 +195,11 @@ def swap_in(model: torch.nn.Module, stored: dict[str, torch.Tensor]) -> None:
     """Replace every linear layer by the quantized one ``stored`` holds for it."""
     for key, parent, attr in layer_names(model):
         bias = getattr(parent, attr).bias
-        if f"{key}.packed" in stored:
-            layer: WeightOnlyLinear = Int4Linear(
-                stored[f"{key}.packed"], stored[f"{key}.scale_zero"], bias
-            )
+        if f"{key}.q4" in stored:
+            columns = getattr(parent, attr).in_features
+            layer: WeightOnlyLinear = Q4Linear(stored[f"{key}.q4"], columns, bias)
+        elif f"{key}.packed" in stored:
+            layer = Int4Linear(stored[f"{key}.packed"], stored[f"{key}.scale_zero"], bias)
         else:
             layer = Int8Linear(stored[f"{key}.weight"], stored[f"{key}.scale"], bias)
         setattr(parent, attr, layer)
@@ -210,6 +227,14 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
             )
         float16.convert(model)
         return
+    if dtype == "int4" and cpu.q4_preferred():
+        try:
+            q4.load(cache.root)
+        except RuntimeError as exc:
+            raise ModelUnavailable(
+                f"int4 weights here need textgen's int4 kernel, which could not be built ({exc}); "
+                "choose int8 (#int8 in TEXTGEN_MODELS)"
+            ) from exc
     target = cache.quantized_path(model_dir, dtype)
     if not target.is_file():
         started = time.monotonic()

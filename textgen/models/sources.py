@@ -19,9 +19,9 @@ from textgen.models.cache import (
     MARKER,
     QUANTIZED,
     ModelCache,
-    compiler_available,
     record_path,
 )
+from textgen.models.cpu import compiler_available
 from textgen.models.specs import EMBEDDED, ModelSpec, resolved_dtype
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from textgen.models.quantize import INT4_GROUP, Int4Linear, Int8Linear
+from textgen.models import q4
+from textgen.models.quantize import INT4_GROUP, Int4Linear, Int8Linear, Q4Linear
 
 
 class Program(torch.nn.Module):
@@ -40,18 +41,19 @@ class Program(torch.nn.Module):
         """Every projection of the decoder layers (the output layer apart)."""
         raise NotImplementedError
 
-    def fuse(self, name: str, *linears: Int8Linear | Int4Linear) -> None:
+    def fuse(self, name: str, *linears: Int8Linear | Int4Linear | Q4Linear) -> None:
         """One matmul for layers that read the same input (exact: each output row keeps its
         own weights and scales; int4 parts are whole blocks of 64 rows)."""
         parts = [stored(linear) for linear in linears]
-        int4 = isinstance(linears[0], Int4Linear)  # scales and zero points [groups, rows, 2]
         self.register_buffer(f"{name}_w", torch.cat([weight for weight, _ in parts]))
-        scale = torch.cat([scale for _, scale in parts], dim=1 if int4 else 0)
-        self.register_buffer(f"{name}_s", scale.contiguous())
+        if not isinstance(linears[0], Q4Linear):  # whose scales are in its weights
+            int4 = isinstance(linears[0], Int4Linear)  # scale, zero point [groups, rows, 2]
+            scale = torch.cat([s for _, s in parts if s is not None], dim=1 if int4 else 0)
+            self.register_buffer(f"{name}_s", scale.contiguous())
         biases = [linear.bias for linear in linears]
         if any(bias is not None for bias in biases):
             filled = [
-                bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])
+                bias.detach().float() if bias is not None else torch.zeros(output_rows(weight))
                 for bias, (weight, _) in zip(biases, parts, strict=True)
             ]
             self.register_buffer(f"{name}_b", torch.cat(filled))
@@ -64,12 +66,16 @@ class Program(torch.nn.Module):
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        weight, scale = getattr(self, f"{name}_w"), getattr(self, f"{name}_s")
-        if weight.dtype == torch.uint8:  # int4, packed two to a byte
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, INT4_GROUP, scale)
+        flat = x.reshape(-1, shape[-1])
+        weight, scale = getattr(self, f"{name}_w"), getattr(self, f"{name}_s", None)
+        if weight.dim() == 3:  # textgen's int4 (Q4Linear)
+            out = q4.matmul(flat, weight, shape[-1])
+        elif weight.dtype == torch.uint8:  # PyTorch's int4, packed two to a byte
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), weight, INT4_GROUP, scale
+            )
         else:
-            out = torch.ops.aten._weight_int8pack_mm(flat, weight, scale)
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), weight, scale)
         out = out.float()
         bias = getattr(self, f"{name}_b", None)
         if bias is not None:
@@ -175,11 +181,18 @@ def padded(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(*rows.shape[:-2], 8, rows.shape[-1])], -2)
 
 
-def stored(linear: Int8Linear | Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """A quantized layer's weights (one row per output) and scales."""
+def stored(linear: Int8Linear | Int4Linear | Q4Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A quantized layer's weights (by output rows) and scales (None: inside the weights)."""
+    if isinstance(linear, Q4Linear):
+        return linear.q4, None
     if isinstance(linear, Int4Linear):
         return linear.packed, linear.scale_zero
     return linear.weight_int8, linear.scale
+
+
+def output_rows(weight: torch.Tensor) -> int:
+    """Output rows of stored weights: a Q4Linear's are packed by 4 ([rows / 4, groups, bytes])."""
+    return 4 * weight.shape[0] if weight.dim() == 3 else weight.shape[0]
 
 
 def rotate(both: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
