@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from textgen.models import cpu
 from textgen.models.architecture import compilable
-from textgen.models.cache import compiler_available, cpu_flags
+from textgen.models.cpu import compiler_available, cpu_flags
 
 # Models that ship inside a Python package: public name -> (import package, file in it, dist).
 EMBEDDED: dict[str, tuple[str, str, str]] = {
@@ -26,34 +27,37 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 AUTO_KINDS = ("hub", "gguf")
 
 
-# The instruction sets of Inductor's AVX-512 code (its VecAVX512).
-AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
-
-
 def embedded_default() -> str:
     """The embedded model's default weight format (bench/RESULTS.md). On x86-64 with a C++
-    compiler, compiled (textgen/models/compiled.py): int4 where the CPU has AVX-512, which
-    Inductor's int4 GEMM template needs (5-8% more tokens/s than int8 there, and this model's
-    Q4_1 weights held within 0.2% perplexity of float32), else int8, whose template needs only
-    AVX2. Without a compiler float16 (fbgemm, x86-64 only), the fastest uncompiled format once
-    clients share the batch; elsewhere int4."""
+    compiler, compiled (textgen/models/compiled.py) int4: with AVX-512 in Inductor's int4 GEMM
+    template (5-8% more tokens/s than int8 there, and this model's Q4_1 weights held within
+    0.2% perplexity of float32), with AVX2 only in textgen's int4 x int8 kernel (q4.py; 1.1-1.2x
+    int8's tokens/s at one row, the same at 16), else int8. Without a compiler float16 (fbgemm,
+    x86-64 only), the fastest uncompiled format once clients share the batch; elsewhere int4."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "int4"
     if not compiler_available():
         return "float16"
-    return "int4" if AVX512 <= set(cpu_flags().split()) else "int8"
+    return "int4" if fast_int4() else "int8"
+
+
+def fast_int4() -> bool:
+    """Whether compiled int4 beats int8 here: AVX-512 (Inductor's template) or textgen's
+    kernel (cpu.q4_preferred)."""
+    flags = set(cpu_flags().split())
+    return cpu.AVX512 <= flags or cpu.q4_preferred(flags)
 
 
 def resolved_dtype(dtype: str, config: Any, compile: bool) -> str:
     """``dtype``, or for "auto" what the embedded model's default picks where the model's
-    family has a compiled decoder (int4 with AVX-512 where its shape is whole int4 blocks, else
-    int8), and float32 where it has none or compiling is off. ``config``: a transformers
+    family has a compiled decoder (int4 where fast_int4() and its shape is whole int4 blocks,
+    else int8), and float32 where it has none or compiling is off. ``config``: a transformers
     config or config.json's dict."""
     if dtype != "auto":
         return dtype
     if not compile or not compiler_available():
         return "float32"
-    if AVX512 <= set(cpu_flags().split()) and compilable(config, "int4"):
+    if fast_int4() and compilable(config, "int4"):
         return "int4"
     return "int8" if compilable(config, "int8") else "float32"
 
