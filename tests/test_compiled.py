@@ -23,8 +23,7 @@ from textgen import create_app
 from textgen.config import ConfigError
 from textgen.engine.compiled import CompiledForward
 from textgen.engine.kvcache import BatchCache
-from textgen.models import cache as cache_module
-from textgen.models import compiled, quantize
+from textgen.models import compiled, cpu, quantize
 from textgen.models.cache import ModelCache
 from textgen.models.loading import LoadedModel, load_model
 from textgen.models.sources import is_prepared
@@ -188,7 +187,7 @@ def test_no_program_for_other_formats_models_or_machines(
     monkeypatch.setattr(compiled, "compiler_available", lambda: False)
     spec = make_spec(str(model_dirs["tiny-llama"]), dtype="int8")
     assert load_model(spec, cache, compiled=True).program is None  # no C++ compiler
-    monkeypatch.setattr(cache_module.shutil, "which", lambda _: None)
+    monkeypatch.setattr(cpu.shutil, "which", lambda _: None)
     assert is_prepared(spec, cache, compiled=True)  # nothing to compile without a compiler
 
 

@@ -1,8 +1,8 @@
 """textgen's int4 x int8 kernel (textgen/models/q4.py, kernels/q4q8.cpp): its arithmetic, its
 batch invariance, its layout, and a compiled decoder that calls it, served through HTTP.
 
-The kernel is what int4 runs on CPUs without AVX-512; the tests force it on (``cpu.q4_preferred``)
-so that an AVX-512 machine checks it too (it needs only AVX2, FMA and F16C)."""
+The kernel is what int4 runs on x86-64 CPUs with AVX2, FMA and F16C; the compiled decoder's
+tests also force PyTorch's int4 kernel, which int4 takes elsewhere (``cpu.q4_preferred``)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from textgen.models import compiled, cpu, q4
 from textgen.models.cache import ModelCache
 from textgen.models.cpu import cpu_flags, q4_runnable
 from textgen.models.loading import LoadedModel, load_model
-from textgen.models.quantize import INT4_GROUP, Q4Linear
+from textgen.models.quantize import INT4_GROUP, Int4Linear, Q4Linear
 from textgen.models.specs import make_spec
 
 pytestmark = pytest.mark.skipif(
@@ -91,7 +91,9 @@ def test_layout_holds_the_int4_rounding() -> None:
     codes, scale, low = q4.int4_groups(weight)
     half = scale.half().float(), low.half().float()
     expected = (codes * half[0][..., None] + half[1][..., None]).reshape(weight.shape)
-    assert torch.equal(q4.dequantized(q4.quantized(weight), 576), expected)
+    packed = q4.quantized(weight)
+    assert torch.equal(q4.dequantized(packed, 576), expected)
+    assert packed.nbytes == weight.numel() * 5 // 8  # 4 bits and 2 float16 per 32: no padding
 
 
 def test_shapes_that_do_not_match_are_refused() -> None:
@@ -104,40 +106,38 @@ def test_shapes_that_do_not_match_are_refused() -> None:
     assert not Q4Linear.fits(torch.nn.Linear(96, 8))  # columns not whole pairs of blocks
 
 
-@pytest.fixture(scope="module")
-def forced() -> Iterator[None]:
-    """int4 in textgen's kernel, whatever the CPU."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu, "q4_preferred", lambda flags=None: True)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_q4(
-    forced: None, tmp_path_factory: pytest.TempPathFactory
+@pytest.fixture(scope="module", params=[True, False], ids=["textgen-kernel", "pytorch-kernel"])
+def tiny_int4(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LoadedModel, Path]]:
-    source = save_tiny_llama(tmp_path_factory.mktemp("q4-blocks") / "tiny-blocks", blocks=True)
-    cache = tmp_path_factory.mktemp("q4-cache")
-    loaded = load_model(make_spec(str(source), dtype="int4"), ModelCache(cache), compiled=True)
-    yield loaded, cache
+    """A tiny Llama in compiled int4, in textgen's kernel or (as on CPUs it cannot run on,
+    such as ARM) PyTorch's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "q4_preferred", lambda flags=None: request.param)
+        source = save_tiny_llama(tmp_path_factory.mktemp("int4-blocks") / "tiny", blocks=True)
+        cache = tmp_path_factory.mktemp("int4-cache")
+        loaded = load_model(make_spec(str(source), dtype="int4"), ModelCache(cache), compiled=True)
+        yield loaded, cache
 
 
-def test_the_compiled_decoder_calls_the_kernel(tiny_q4: tuple[LoadedModel, Path]) -> None:
-    loaded, cache = tiny_q4
+def test_the_compiled_decoder_calls_the_kernel(tiny_int4: tuple[LoadedModel, Path]) -> None:
+    loaded, cache = tiny_int4
     assert loaded.program is not None and compiled.supports(loaded.model, "int4")
     projections = compiled.program_class(loaded.model).projections(loaded.model)
-    assert all(isinstance(linear, Q4Linear) for linear in projections)
+    textgens = cpu.q4_preferred()  # as the fixture set it
+    kind = Q4Linear if textgens else Int4Linear
+    assert all(type(linear) is kind for linear in projections)
     (package,) = (cache / "compiled").glob("*-int4.pt2")
     with zipfile.ZipFile(package) as archive:
         (library,) = [name for name in archive.namelist() if name.endswith(".so")]
-        assert b"aoti_torch_cpu_q4q8_mm" in archive.read(library)  # a direct call
+        assert (b"aoti_torch_cpu_q4q8_mm" in archive.read(library)) == textgens  # a direct call
     assert_close_to_eager(loaded.model, loaded.program)
 
 
 def test_served_through_http_alone_and_three_at_once(
-    tiny_q4: tuple[LoadedModel, Path], model_dirs: dict[str, Path]
+    tiny_int4: tuple[LoadedModel, Path], model_dirs: dict[str, Path]
 ) -> None:
-    loaded, cache = tiny_q4
+    loaded, cache = tiny_int4
     config = tiny_config(model_dirs, cache, DRAFT_TOKENS=0)
     config["MODELS"] = [{"name": "q4", "source": str(loaded.prepared.path), "dtype": "int4"}]
     app = create_app(config)

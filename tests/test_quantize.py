@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import EMBEDDED_CACHE, REPO, tiny_config
 from textgen import create_app
-from textgen.models import float16, quantize
+from textgen.models import cpu, float16, quantize
 from textgen.models import specs as spec_module
 from textgen.models.cache import ModelCache
 from textgen.models.loading import load_model
@@ -62,7 +62,8 @@ def test_each_dtype_generates_like_generate(model_dirs, tmp_path, dtype: str) ->
         assert float16.Float16Linear in kinds and float16.Float16Part in kinds
         assert loaded.model.dtype == torch.float32  # activations stay float32
     if dtype == "int4":
-        assert quantize.Int4Linear in kinds
+        textgens = cpu.q4_preferred()  # textgen's kernel on x86-64 with AVX2, else PyTorch's
+        assert (quantize.Q4Linear if textgens else quantize.Int4Linear) in kinds
         # The output layer stays int8, as GGUF files keep it at 8 bits.
         assert isinstance(loaded.model.get_output_embeddings(), quantize.Int8Linear)
     if dtype == "bfloat16":

@@ -1,11 +1,12 @@
-"""textgen's int4 x int8 matmul for AVX2 CPUs (kernels/q4q8.cpp): the int4 layout there.
+"""textgen's int4 x int8 matmul for x86-64 CPUs with AVX2 (kernels/q4q8.cpp), and its layout.
 
-On a CPU without AVX-512 PyTorch's int4 kernel is no faster than its int8 one, and Inductor's
-int8 template converts every weight to float32 for one multiply-add each. This kernel keeps the
-weights in Q4_1 blocks (0.625 bytes a weight against int8's 1.0) and rounds the activations to
-int8 in the same blocks of 32, so that 32 products are one integer instruction, as llama.cpp
-does on these CPUs (bench/kernels.py measured it against ``_weight_int8pack_mm``; bench/RESULTS.md
-has what it gives the compiled decoder). Its results are batch-invariant (see the source).
+PyTorch's int4 kernels and Inductor's int4 and int8 templates convert every weight to a float
+for one multiply-add each (and Inductor has no int4 template without AVX-512). This kernel
+keeps the weights in Q4_1 blocks (0.625 bytes a weight against int8's 1.0) and rounds the
+activations to int8 in the same blocks of 32, so that 32 products are one or two integer
+instructions, as llama.cpp does (bench/kernels.py measures it against PyTorch's kernels;
+bench/RESULTS.md has what it gives the compiled decoder). Its results are batch-invariant and
+the same bits with or without AVX-512 (see the source).
 
 The library is C++ built once with the system's compiler into the model cache (a few seconds),
 then loaded into the process: as the op ``torch.ops.textgen.q4q8_mm`` for eager PyTorch and
@@ -28,12 +29,14 @@ from typing import Any
 
 import torch
 
+from textgen.models.cpu import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "q4q8.cpp"
 BLOCK = 32
-# Bytes of 4 output rows x 256 input columns (kernels/q4q8.cpp kGroupBytes).
-GROUP_BYTES = 128 + 4 * 128
+# Bytes of 4 output rows x 32 input columns (kernels/q4q8.cpp kBlockBytes): 0.625 a weight.
+BLOCK_BYTES = 80
 # The declaration Inductor writes into a compiled decoder that calls the kernel
 # (torch._inductor.config.aot_inductor.custom_ops_to_c_shims).
 C_SHIM = (
@@ -48,24 +51,24 @@ _loaded: Path | None = None
 def load(cache_root: Path) -> Path:
     """Build the kernel library into ``cache_root``/kernels (once) and load it; returns its path.
 
-    Keyed by the source, the torch version and the Python version. Workers that build it at
-    once each write their own file and rename it into place (the same bytes). A cache that
-    cannot be written (mounted read-only) gets it built into a temporary directory instead."""
+    Keyed by the source, the torch and Python versions and the compiler options. Workers that
+    build it at once each write their own file and rename it into place (the same bytes). A
+    cache that cannot be written (mounted read-only) gets it built into a temporary directory
+    instead."""
     global _loaded
     with _lock:
         if _loaded is not None:
             return _loaded
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(
-            source + metadata.version("torch").encode() + sys.version.encode()
-        ).hexdigest()[:16]
+        options = machine_options()
+        parts = [SOURCE.read_bytes(), metadata.version("torch").encode(), sys.version.encode()]
+        key = hashlib.sha256(b"\0".join([*parts, " ".join(options).encode()])).hexdigest()[:16]
         library = cache_root / "kernels" / f"textgen_q4q8-{key}.so"
         if not library.is_file():
             try:
-                build(library)
+                build(library, options)
             except OSError:
                 library = Path(tempfile.mkdtemp(prefix="textgen-kernels-")) / library.name
-                build(library)
+                build(library, options)
         # RTLD_GLOBAL: compiled decoders find aoti_torch_cpu_q4q8_mm among the process's symbols.
         ctypes.CDLL(os.fspath(library), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
         torch.ops.load_library(os.fspath(library))
@@ -74,7 +77,15 @@ def load(cache_root: Path) -> Path:
         return library
 
 
-def build(library: Path) -> None:
+def machine_options() -> list[str]:
+    """Compiler options for this CPU beyond AVX2: with AVX-512 VL and VNNI, one instruction per
+    32 products and 32 vector registers (4 activation rows per unpacking of the weights, not 2).
+    The results are the same bits either way (the integer dot products are exact)."""
+    flags = set(cpu_flags().split())
+    return ["-mavx512vl", "-mavx512vnni"] if {"avx512vl", "avx512_vnni"} <= flags else []
+
+
+def build(library: Path, options: list[str]) -> None:
     """Compile kernels/q4q8.cpp into ``library`` (written whole, then renamed)."""
     from torch.utils import cpp_extension
 
@@ -83,7 +94,7 @@ def build(library: Path) -> None:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     command = [
         os.environ.get("CXX", "c++"),
-        "-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp",
+        "-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", *options, "-fopenmp",
         "-fPIC", "-shared", "-std=c++20",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *[f"-I{path}" for path in cpp_extension.include_paths()],
@@ -127,40 +138,41 @@ def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def quantized(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [rows, columns] (rows a multiple of 4, columns of 64) in the kernel's layout:
-    [rows / 4, groups of 256 columns, GROUP_BYTES] uint8, for each 4 rows and group the rows'
-    float16 scales and minimums [4][2][8], then the 4 pairs of blocks' codes [4 rows][32]
-    (byte j of a block: column j in the low nibble, j + 16 in the high); padded with zeros."""
+    [rows / 4, blocks of 32 columns, BLOCK_BYTES] uint8, by groups of 8 blocks (a last group
+    may hold fewer): for each 4 rows and group the rows' float16 scales and minimums
+    [4][2][blocks], then the group's pairs of blocks' codes, each [4 rows][32] (byte j of a
+    block: column j in the low nibble, j + 16 in the high)."""
     rows, columns = weight.shape
     codes, scale, low = int4_groups(weight.detach().float())
-    blocks, groups = columns // BLOCK, -(-columns // (8 * BLOCK))
     nibbles = codes.to(torch.uint8)
-    bytes_ = torch.zeros(rows, groups * 8, 16, dtype=torch.uint8)
-    bytes_[:, :blocks] = nibbles[..., :16] | (nibbles[..., 16:] << 4)
-    # [rows, groups, 4 pairs, 32] -> [rows / 4, groups, 4 pairs, 4 rows, 32]
-    pairs = bytes_.reshape(rows // 4, 4, groups, 4, 32).permute(0, 2, 3, 1, 4)
-    dm = torch.zeros(rows, groups * 8, 2, dtype=torch.float16)
-    dm[:, :blocks, 0], dm[:, :blocks, 1] = scale, low
-    # [rows, groups, 8, 2] -> [rows / 4, groups, 4 rows, 2, 8]
-    scales = dm.reshape(rows // 4, 4, groups, 8, 2).permute(0, 2, 1, 4, 3)
-    return torch.cat(
-        [
-            scales.contiguous().view(torch.uint8).reshape(rows // 4, groups, 128),
-            pairs.reshape(rows // 4, groups, 512),
-        ],
-        dim=-1,
-    ).contiguous()
+    bytes_ = nibbles[..., :16] | (nibbles[..., 16:] << 4)  # [rows, blocks, 16]
+    quads, blocks = rows // 4, columns // BLOCK
+    parts = []
+    for start in range(0, blocks, 8):
+        size = min(8, blocks - start)
+        group = slice(start, start + size)
+        dm = torch.stack([scale[:, group], low[:, group]], dim=1).to(torch.float16)
+        parts.append(dm.reshape(quads, 8 * size).view(torch.uint8))
+        pairs = bytes_[:, group].reshape(quads, 4, size // 2, 32).permute(0, 2, 1, 3)
+        parts.append(pairs.reshape(quads, 64 * size))
+    return torch.cat(parts, dim=1).reshape(quads, blocks, BLOCK_BYTES).contiguous()
 
 
 def dequantized(packed: torch.Tensor, columns: int) -> torch.Tensor:
     """The float32 weights [rows, columns] that ``packed`` stands for."""
-    quads, groups, _ = packed.shape
-    scales = packed[..., :128].contiguous().view(torch.float16).reshape(quads, groups, 4, 2, 8)
-    scales = scales.permute(0, 2, 1, 4, 3).reshape(quads * 4, groups * 8, 2).float()
-    pairs = packed[..., 128:].reshape(quads, groups, 4, 4, 32).permute(0, 3, 1, 2, 4)
-    bytes_ = pairs.reshape(quads * 4, groups * 8, 16)
-    codes = torch.cat([bytes_ & 0x0F, bytes_ >> 4], dim=-1).float()
-    weight = codes * scales[..., :1] + scales[..., 1:]
-    return weight.reshape(quads * 4, -1)[:, :columns]
+    quads, blocks, _ = packed.shape
+    flat, offset, parts = packed.reshape(quads, -1), 0, []
+    for start in range(0, blocks, 8):
+        size = min(8, blocks - start)
+        dm = flat[:, offset : offset + 16 * size].contiguous().view(torch.float16)
+        dm = dm.reshape(quads * 4, 2, size, 1).float()
+        offset += 16 * size
+        pairs = flat[:, offset : offset + 64 * size].reshape(quads, size // 2, 4, 32)
+        bytes_ = pairs.permute(0, 2, 1, 3).reshape(quads * 4, size, 16)
+        offset += 64 * size
+        codes = torch.cat([bytes_ & 0x0F, bytes_ >> 4], dim=-1).float()
+        parts.append((codes * dm[:, 0] + dm[:, 1]).reshape(quads * 4, 32 * size))
+    return torch.cat(parts, dim=1)[:, :columns]
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, columns: int) -> torch.Tensor:

@@ -117,7 +117,7 @@ class Int4Linear(WeightOnlyLinear):
 
 
 class Q4Linear(WeightOnlyLinear):
-    """4-bit weights in textgen's own kernel (q4.py) for CPUs without AVX-512: Q4_1 blocks of
+    """4-bit weights in textgen's own kernel (q4.py) for x86-64 CPUs with AVX2: Q4_1 blocks of
     INT4_GROUP input columns, activations rounded to int8 in the same blocks; ``q4`` holds them
     in the kernel's layout (q4.quantized)."""
 

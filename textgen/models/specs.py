@@ -29,11 +29,12 @@ AUTO_KINDS = ("hub", "gguf")
 
 def embedded_default() -> str:
     """The embedded model's default weight format (bench/RESULTS.md). On x86-64 with a C++
-    compiler, compiled (textgen/models/compiled.py) int4: with AVX-512 in Inductor's int4 GEMM
-    template (5-8% more tokens/s than int8 there, and this model's Q4_1 weights held within
-    0.2% perplexity of float32), with AVX2 only in textgen's int4 x int8 kernel (q4.py; 1.1-1.2x
-    int8's tokens/s at one row, the same at 16), else int8. Without a compiler float16 (fbgemm,
-    x86-64 only), the fastest uncompiled format once clients share the batch; elsewhere int4."""
+    compiler, compiled (textgen/models/compiled.py) int4 in textgen's int4 x int8 kernel (q4.py:
+    with AVX2, FMA and F16C; 1.1-1.2x int8's tokens/s at one row on a Zen 3, the same at 16;
+    2.0x and 1.4x on a Zen 4) or with AVX-512 in Inductor's int4 template; this model's Q4_1
+    weights hold within 0.2% perplexity of float32), else int8. Without a compiler float16
+    (fbgemm, x86-64 only), the fastest uncompiled format once clients share the batch;
+    elsewhere int4."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "int4"
     if not compiler_available():
@@ -42,8 +43,8 @@ def embedded_default() -> str:
 
 
 def fast_int4() -> bool:
-    """Whether compiled int4 beats int8 here: AVX-512 (Inductor's template) or textgen's
-    kernel (cpu.q4_preferred)."""
+    """Whether compiled int4 beats int8 here: textgen's kernel (cpu.q4_preferred) or AVX-512
+    (Inductor's template)."""
     flags = set(cpu_flags().split())
     return cpu.AVX512 <= flags or cpu.q4_preferred(flags)
 

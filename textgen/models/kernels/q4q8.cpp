@@ -1,9 +1,10 @@
-// textgen's int4 x int8 matmul for AVX2 CPUs (textgen/models/q4.py builds and loads it).
+// textgen's int4 x int8 matmul for x86-64 CPUs with AVX2 (textgen/models/q4.py builds and
+// loads it; with AVX-512 VL and VNNI where the CPU has them, for the same results).
 //
 // Weights are Q4_1: in blocks of 32 input columns, 4-bit codes with a scale d and a minimum m
 // (float16), w = code * d + m; stored as kGroupBytes says.
 // Activations are rounded to int8 in the same blocks of 32 (scale = max |x| / 127), so that a
-// block's 32 products are one vpmaddubsw: out[i, n] = sum over blocks b of
+// block's 32 products are one vpmaddubsw (or vpdpbusd): out[i, n] = sum over blocks b of
 //   d[n,b] * dx[i,b] * dot(codes[n,b], q[i,b]) + m[n,b] * dx[i,b] * sum(q[i,b]).
 // Batch-invariant by construction: a row's result is computed by the same instructions in the
 // same order whatever the number of rows (the integer dot products are exact, the float sums
@@ -27,11 +28,21 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-// Weights are stored by 4 output rows and 8 blocks (256 columns): the 4 rows' scales and
-// minimums (float16 [4][2][8], 128 bytes), then the codes of the 4 pairs of blocks, each
+// Weights are stored by 4 output rows and groups of 8 blocks (256 columns): the 4 rows' scales
+// and minimums (float16 [4][2][8], 128 bytes), then the codes of the 4 pairs of blocks, each
 // [4 rows][32 bytes] (byte j of a block: column j in the low nibble, j + 16 in the high).
-// One sequential stream for the 4 rows; a last group of fewer than 8 blocks is padded.
+// One sequential stream for the 4 rows, 80 bytes a block: a last group of b < 8 blocks holds
+// [4][2][b] scales and minimums and b / 2 pairs.
 constexpr int64_t kGroupBytes = 128 + 4 * 128;
+constexpr int64_t kBlockBytes = kGroupBytes / 8;
+
+// A vector of 8 float16 scales or minimums of a group of ``blocks`` blocks: lanes from
+// ``blocks`` on hold the next bytes of the stream (the group's codes follow its scales), which
+// the scales' lanes never reach and the minimums' mask clears (their activations are zeros).
+inline __m256 lanes_below(int64_t blocks) {
+  return _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32((int)blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
 
 // Activations rounded to int8, in the order the kernel reads them: for each pair of blocks
 // (b, b + 1), columns 0-15 of b, 0-15 of b + 1, 16-31 of b, 16-31 of b + 1, which is how a
@@ -103,60 +114,95 @@ inline __m256 halves(const uint16_t* p) {  // 8 float16 values as float32
   return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
-// Output rows 4n .. 4n + 3 of activation row m. Per (m, n): per pair of blocks one integer dot
-// product of 64 columns in two 8-lane halves, scaled and added into one vector; the minimums'
-// term over groups of 8 blocks into another; lanes summed last. The same operations in the same
-// order whatever the number of rows of the call.
-inline void quad(int64_t m, int64_t n, int64_t K, int64_t N, const int8_t* q, const float* dx,
+// The integer dot products of a pair of blocks: lane j sums columns 4j .. 4j + 3 of the pair's
+// interleaved halves (exact either way: with VNNI one instruction per half, else vpmaddubsw's
+// 16-bit pair sums, which cannot saturate with 4-bit codes, then vpmaddwd).
+inline __m256i pair_dot(__m256i lo, __m256i hi, __m256i qa, __m256i qb) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, qa), hi, qb);
+#else
+  const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa), _mm256_maddubs_epi16(hi, qb));
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+#endif
+}
+
+// Rows per tile: each unpacking of 4 output rows' codes serves this many activation rows.
+#if defined(__AVX512VL__)
+constexpr int kTile = 4;  // 32 vector registers
+#else
+constexpr int kTile = 2;
+#endif
+
+// Output rows 4n .. 4n + 3 of activation rows m .. m + T - 1. Per (row, output row): per pair
+// of blocks one integer dot product of 64 columns in two 8-lane halves, scaled and added into
+// one vector; the minimums' term over groups of 8 blocks into another; lanes summed last. A
+// row gets the same operations in the same order whatever T and the number of rows of the call.
+template <int T>
+inline void tile(int64_t m, int64_t n, int64_t K, int64_t N, const int8_t* q, const float* dx,
                  const float* sx, const uint8_t* packed, float* out) {
   const int64_t B = K / kBlock, P = padded_blocks(B), G = P / 8;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int8_t* qm = q + m * K;
-  const uint8_t* weights = packed + n * G * kGroupBytes;
-  __m256 acc[4], by_min[4];
-  for (int r = 0; r < 4; r++) acc[r] = by_min[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const uint8_t* weights = packed + n * B * kBlockBytes;
+  __m256 acc[T][4];
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < 4; r++) acc[t][r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; g++) {
     const uint8_t* group = weights + g * kGroupBytes;
-    const uint16_t* dm = reinterpret_cast<const uint16_t*>(group);  // [4 rows][scale, min][8]
-    const __m256 dxv = _mm256_loadu_ps(dx + m * P + 8 * g);
-    const __m256 sxv = _mm256_loadu_ps(sx + m * P + 8 * g);
-    __m256 scale[4];
+    const int64_t blocks = std::min<int64_t>(8, B - 8 * g);
+    const uint16_t* dm = reinterpret_cast<const uint16_t*>(group);  // [4 rows][2][blocks]
+    __m256 scale[T][4];
     for (int r = 0; r < 4; r++) {
-      scale[r] = _mm256_mul_ps(halves(dm + 16 * r), dxv);
-      by_min[r] = _mm256_fmadd_ps(halves(dm + 16 * r + 8), sxv, by_min[r]);
+      const __m256 d = halves(dm + 2 * blocks * r);
+      for (int t = 0; t < T; t++)
+        scale[t][r] = _mm256_mul_ps(d, _mm256_loadu_ps(dx + (m + t) * P + 8 * g));
     }
-    const int64_t pairs = std::min<int64_t>(4, (B - 8 * g) / 2);
+    const int64_t pairs = blocks / 2;
     for (int64_t i = 0; i < pairs; i++) {
-      const int8_t* qp = qm + (4 * g + i) * 64;
-      const __m256i qa = _mm256_loadu_si256((const __m256i*)qp);
-      const __m256i qb = _mm256_loadu_si256((const __m256i*)(qp + 32));
       const int lane = 2 * (int)i;
       const __m256i spread = _mm256_setr_epi32(lane, lane, lane, lane, lane + 1, lane + 1,
                                                lane + 1, lane + 1);
-      const uint8_t* codes = group + 128 + i * 128;  // [4 rows][32]
+      __m256i qa[T], qb[T];
+      for (int t = 0; t < T; t++) {
+        const int8_t* qp = q + (m + t) * K + (4 * g + i) * 64;
+        qa[t] = _mm256_loadu_si256((const __m256i*)qp);
+        qb[t] = _mm256_loadu_si256((const __m256i*)(qp + 32));
+      }
+      const uint8_t* codes = group + 16 * blocks + i * 128;  // [4 rows][32]
       for (int r = 0; r < 4; r++) {
         const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 32 * r));
         const __m256i lo = _mm256_and_si256(c, low);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
-        const __m256i p16 =
-            _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa), _mm256_maddubs_epi16(hi, qb));
-        const __m256i dot = _mm256_madd_epi16(p16, ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scale[r], spread),
-                                 _mm256_cvtepi32_ps(dot), acc[r]);
+        for (int t = 0; t < T; t++) {
+          const __m256i dot = pair_dot(lo, hi, qa[t], qb[t]);
+          acc[t][r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scale[t][r], spread),
+                                      _mm256_cvtepi32_ps(dot), acc[t][r]);
+        }
       }
     }
   }
-  for (int r = 0; r < 4; r++) out[m * N + 4 * n + r] = sum_lanes(acc[r]) + sum_lanes(by_min[r]);
+  for (int t = 0; t < T; t++) {
+    for (int r = 0; r < 4; r++) {
+      __m256 by_min = _mm256_setzero_ps();
+      for (int64_t g = 0; g < G; g++) {
+        const int64_t blocks = std::min<int64_t>(8, B - 8 * g);
+        const uint16_t* dm = reinterpret_cast<const uint16_t*>(weights + g * kGroupBytes);
+        const __m256 sxv = _mm256_loadu_ps(sx + (m + t) * P + 8 * g);
+        const __m256 mins = _mm256_and_ps(halves(dm + 2 * blocks * r + blocks), lanes_below(blocks));
+        by_min = _mm256_fmadd_ps(mins, sxv, by_min);
+      }
+      out[(m + t) * N + 4 * n + r] = sum_lanes(acc[t][r]) + sum_lanes(by_min);
+    }
+  }
 }
 
 at::Tensor q4q8_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t columns) {
   TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 3 && packed.scalar_type() == at::kByte,
-              "q4q8_mm: x [rows, columns] and packed weights [output rows / 4, groups, ",
-              kGroupBytes, "] uint8");
+              "q4q8_mm: x [rows, columns] and packed weights [output rows / 4, blocks, ",
+              kBlockBytes, "] uint8");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = 4 * packed.size(0), B = K / kBlock;
-  TORCH_CHECK(K == columns && K % (2 * kBlock) == 0 && packed.size(1) == padded_blocks(B) / 8 &&
-                  packed.size(2) == kGroupBytes && packed.is_contiguous(),
+  TORCH_CHECK(K == columns && K % (2 * kBlock) == 0 && packed.size(1) == B &&
+                  packed.size(2) == kBlockBytes && packed.is_contiguous(),
               "q4q8_mm: weights of ", columns, " columns do not match activations of ", K);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -171,7 +217,9 @@ at::Tensor q4q8_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t col
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N / 4; n++) {
-    for (int64_t m = 0; m < M; m++) quad(m, n, K, N, qp, dxp, sxp, wp, op);
+    int64_t m = 0;
+    for (; m + kTile <= M; m += kTile) tile<kTile>(m, n, K, N, qp, dxp, sxp, wp, op);
+    for (; m < M; m++) tile<1>(m, n, K, N, qp, dxp, sxp, wp, op);
   }
   return out;
 }
