@@ -1,8 +1,9 @@
 """textgen's int4 x int8 kernel (textgen/models/q4.py, kernels/q4q8.cpp): its arithmetic, its
 batch invariance, its layout, and a compiled decoder that calls it, served through HTTP.
 
-The kernel is what int4 runs on x86-64 CPUs with AVX2, FMA and F16C; the compiled decoder's
-tests also force PyTorch's int4 kernel, which int4 takes elsewhere (``cpu.q4_preferred``)."""
+The kernel is what int4 runs on x86-64 CPUs with AVX2, FMA and F16C but not AVX-512; the
+compiled decoder's tests force it and PyTorch's int4 kernel in turn (``cpu.q4_preferred``), so
+every machine that can run it checks both."""
 
 from __future__ import annotations
 

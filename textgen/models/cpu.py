@@ -44,8 +44,9 @@ def q4_runnable(flags: set[str]) -> bool:
 
 def q4_preferred(flags: set[str] | None = None) -> bool:
     """Whether int4 weights take textgen's kernel (quantize.Q4Linear) rather than PyTorch's
-    (Int4Linear): wherever it runs. Compiled decoder steps on a Zen 4 (AVX-512, VNNI) took
-    0.79x the time of Inductor's int4 template at one row and 0.93x at 16 (bench/RESULTS.md);
-    on AVX2-only CPUs Inductor has no int4 template at all."""
+    (Int4Linear): where it runs and the CPU lacks AVX-512, where Inductor has no int4 template.
+    It is faster than that template on a Zen 4 too (0.79x its step time at one row, 0.93x at
+    16; bench/RESULTS.md), but rounding the activations to int8 changed the embedded model's
+    greedy answers (the README's Paris example), so AVX-512 keeps the template."""
     flags = set(cpu_flags().split()) if flags is None else flags
-    return q4_runnable(flags)
+    return q4_runnable(flags) and not AVX512 <= flags

@@ -29,11 +29,12 @@ AUTO_KINDS = ("hub", "gguf")
 
 def embedded_default() -> str:
     """The embedded model's default weight format (bench/RESULTS.md). On x86-64 with a C++
-    compiler, compiled (textgen/models/compiled.py) int4 in textgen's int4 x int8 kernel (q4.py:
-    with AVX2, FMA and F16C; 1.1-1.2x int8's tokens/s at one row on a Zen 3, the same at 16;
-    2.0x and 1.4x on a Zen 4) or with AVX-512 in Inductor's int4 template; this model's Q4_1
-    weights hold within 0.2% perplexity of float32), else int8. Without a compiler float16
-    (fbgemm, x86-64 only), the fastest uncompiled format once clients share the batch;
+    compiler, compiled (textgen/models/compiled.py): int4 where the CPU has AVX-512, which
+    Inductor's int4 GEMM template needs (5-8% more tokens/s than int8 there, and this model's
+    Q4_1 weights held within 0.2% perplexity of float32), else int8. textgen's own int4 kernel
+    (q4.py, AVX2) is faster than int8 but rounds activations to int8, which changed this
+    model's greedy answers (bench/RESULTS.md), so it is not a default. Without a compiler
+    float16 (fbgemm, x86-64 only), the fastest uncompiled format once clients share the batch;
     elsewhere int4."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "int4"
@@ -43,10 +44,8 @@ def embedded_default() -> str:
 
 
 def fast_int4() -> bool:
-    """Whether compiled int4 beats int8 here: textgen's kernel (cpu.q4_preferred) or AVX-512
-    (Inductor's template)."""
-    flags = set(cpu_flags().split())
-    return cpu.AVX512 <= flags or cpu.q4_preferred(flags)
+    """Whether compiled int4 is the default here: with AVX-512 (Inductor's template)."""
+    return cpu.AVX512 <= set(cpu_flags().split())
 
 
 def resolved_dtype(dtype: str, config: Any, compile: bool) -> str:
