@@ -139,17 +139,23 @@ def gunicorn(env: dict[str, str], *args: str, log: Any = subprocess.PIPE) -> sub
     )
 
 
-def wait_healthy(process: subprocess.Popen[str], url: str, seconds: float = 300) -> None:
-    """Until /health answers 200 (the process must stay up meanwhile)."""
-    deadline = time.monotonic() + seconds
+def wait_healthy(
+    process: subprocess.Popen[str], url: str, seconds: float = 300, in_a_row: int = 1
+) -> None:
+    """Until /health answers 200 ``in_a_row`` times running (the process must stay up
+    meanwhile). Each worker answers for itself, and one still loading answers 503: with two
+    workers, 20 answers in a row all from the ready one are a chance of 2^-19."""
+    deadline, ready = time.monotonic() + seconds, 0
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read() if process.stdout else "exited"
         try:
-            if requests.get(f"{url}/health", timeout=10).status_code == 200:
-                return
+            ok = requests.get(f"{url}/health", timeout=10).status_code == 200
         except requests.RequestException:  # refused before bind, slow while loading
-            pass
-        time.sleep(0.25)
+            ok = False
+        ready = ready + 1 if ok else 0
+        if ready >= in_a_row:
+            return
+        time.sleep(0.05 if ok else 0.25)
     pytest.fail("gunicorn did not become healthy")
 
 

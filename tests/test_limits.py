@@ -127,7 +127,7 @@ def test_two_workers_share_the_counts_through_redis(
         process = gunicorn(env, log=log.open("w"))
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy(process, url, 180)
+            wait_healthy(process, url, 180, in_a_row=20)
             headers = {"Authorization": f"Bearer {key}"}
 
             def info() -> requests.Response:

@@ -97,7 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     process = gunicorn(env, log=log.open("w"))
     nginx = None
     try:
-        wait_healthy(process, f"http://127.0.0.1:{port}", 180)
+        wait_healthy(process, f"http://127.0.0.1:{port}", 180, in_a_row=20)
         nginx = start_nginx(tmp, edge, port)
         yield Stack(
             f"http://127.0.0.1:{port}", f"http://127.0.0.1:{edge}", log, metrics_dir, process
@@ -342,7 +342,7 @@ def test_two_instances_behind_one_upstream(tmp_path: Path) -> None:
     nginx = None
     try:
         for process, port in zip(processes, ports, strict=True):
-            wait_healthy(process, f"http://127.0.0.1:{port}", 180)
+            wait_healthy(process, f"http://127.0.0.1:{port}", 180, in_a_row=20)
         edge = free_port()
         site = tmp_path / "edge"
         site.mkdir()
