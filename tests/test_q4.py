@@ -58,7 +58,7 @@ def test_kernel_computes_the_rounded_product(rows: int, columns: int) -> None:
     torch.manual_seed(rows + columns)
     weight = torch.randn(rows, columns) * 0.02
     packed = q4.quantized(weight)
-    stands_for = q4.dequantized(packed, columns)
+    stands_for = q4.dequantized(packed)
     x = torch.randn(9, columns) * 3
     x[2] = 0  # an all-zero row: scale 0, no division by it
     x[3, :INT4_GROUP] *= 1e4  # one block far larger than the rest
@@ -93,7 +93,7 @@ def test_layout_holds_the_int4_rounding() -> None:
     half = scale.half().float(), low.half().float()
     expected = (codes * half[0][..., None] + half[1][..., None]).reshape(weight.shape)
     packed = q4.quantized(weight)
-    assert torch.equal(q4.dequantized(packed, 576), expected)
+    assert torch.equal(q4.dequantized(packed), expected)
     assert packed.nbytes == weight.numel() * 5 // 8  # 4 bits and 2 float16 per 32: no padding
 
 

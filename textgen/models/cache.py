@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from textgen.models import cpu
-from textgen.models.cpu import cpu_flags
 
 MARKER = "textgen-source.json"
 # Weight formats prepared into quantized/ (the others are the model directory's own tensors).
@@ -102,7 +101,7 @@ class ModelCache:
         ``...-fused.pt2``."""
         weights = self.quantized_path(model_dir, dtype)
         size = weights.stat().st_size if weights.is_file() else 0
-        parts = [weights.name, size, metadata.version("torch"), cpu_flags(), COMPILED_FORMAT]
+        parts = [weights.name, size, metadata.version("torch"), cpu.cpu_flags(), COMPILED_FORMAT]
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         kind = "" if deterministic else "-fused"
         return self.root / "compiled" / f"{model_dir.name}-{key}-{dtype}{kind}.pt2"

@@ -158,7 +158,7 @@ def quantized(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1).reshape(quads, blocks, BLOCK_BYTES).contiguous()
 
 
-def dequantized(packed: torch.Tensor, columns: int) -> torch.Tensor:
+def dequantized(packed: torch.Tensor) -> torch.Tensor:
     """The float32 weights [rows, columns] that ``packed`` stands for."""
     quads, blocks, _ = packed.shape
     flat, offset, parts = packed.reshape(quads, -1), 0, []
@@ -172,7 +172,7 @@ def dequantized(packed: torch.Tensor, columns: int) -> torch.Tensor:
         offset += 64 * size
         codes = torch.cat([bytes_ & 0x0F, bytes_ >> 4], dim=-1).float()
         parts.append((codes * dm[:, 0] + dm[:, 1]).reshape(quads * 4, 32 * size))
-    return torch.cat(parts, dim=1)[:, :columns]
+    return torch.cat(parts, dim=1)
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, columns: int) -> torch.Tensor:
