@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, gunicorn, in_threads, wait_healthy
+from tests.conftest import REPO, gunicorn, in_threads, tiny_config, wait_healthy
 from tests.services import free_port, wait_until
 from tests.tiny_models import save_tiny_llama
+from textgen import create_app
 
 pytestmark = pytest.mark.slow
 
@@ -270,6 +272,25 @@ def test_sigterm_lets_open_streams_finish(tmp_path: Path) -> None:
         assert not any(b'"error"' in line for line in rest)
     assert process.wait(timeout=120) == 0
     print(f"drained and exited in {time.monotonic() - started:.1f} s")
+
+
+def test_drain_answers_draining_at_once_without_the_registrys_lock(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGTERM's handler turns /readyz to 503 before the worker stops being alive (a request
+    thread that sees it stopping answers "Connection: close", and that answer must not say
+    ready). A signal handler may interrupt the very thread that holds the registry's lock, so
+    draining must not wait for it."""
+    app = create_app(tiny_config(model_dirs, tmp_path / "cache"))
+    registry = app.extensions["textgen.registry"]
+    assert app.test_client().get("/readyz").status_code == 200
+    with registry._guard:  # as if the handler interrupted its holder
+        draining = threading.Thread(target=registry.drain, daemon=True)
+        draining.start()
+        draining.join(10)
+        assert not draining.is_alive()
+    answer = app.test_client().get("/readyz")
+    assert answer.status_code == 503 and answer.get_json()["status"] == "draining"
 
 
 def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:

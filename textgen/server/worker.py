@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -342,7 +343,16 @@ class TextgenWorker(ThreadWorker):
         if self.stop_asked is None and self.successor_starting():
             self.stop_asked = time.monotonic()
             return
-        super().handle_exit(sig, frame)
+        self.stop()
+
+    def stop(self) -> None:
+        """End the main loop. /readyz turns 503 first: a request thread that finds the worker
+        no longer alive answers "Connection: close", and that answer must not still say
+        ready (the client's next look would find the listener closed)."""
+        registry = self.registry
+        if registry is not None:
+            registry.drain()
+        super().handle_exit(signal.SIGTERM, None)
 
     def successor_starting(self) -> bool:
         """Whether the master has another worker that is not ready yet (Linux: the master's
@@ -392,10 +402,10 @@ class TextgenWorker(ThreadWorker):
             # Loading, and accepting since no worker was ready (a first start): another one is
             # now, so this one leaves the traffic to it until its own models are ready.
             super().set_accept_enabled(False)
-        if self.stop_asked is not None:
+        if self.stop_asked is not None and self.alive:
             waited = time.monotonic() - self.stop_asked
             if not self.successor_starting() or waited > self.cfg.graceful_timeout / 2:
-                self.alive = False
+                self.stop()
 
     def app_ready(self) -> bool:
         registry = self.registry

@@ -51,6 +51,8 @@ class ModelRegistry:
         self.started_at = int(time.time())
         self._ready_after: float | None = None
         self._guard = threading.Lock()
+        # Set without the lock, from a signal handler (see drain): a plain bool.
+        self._draining = False
 
     @property
     def names(self) -> list[str]:
@@ -63,9 +65,13 @@ class ModelRegistry:
     def status(self) -> dict[str, Any]:
         """Loading state for /health."""
         with self._guard:
+            if self._draining:
+                state, detail = "draining", "stopping: finishing the requests already admitted"
+            else:
+                state, detail = self._state, self._detail
             return {
-                "status": self._state,
-                "detail": self._detail,
+                "status": state,
+                "detail": detail,
                 "models": list(self._engines),
                 "ready_after_s": self._ready_after,
             }
@@ -116,8 +122,6 @@ class ModelRegistry:
             self._set("failed", without_paths(str(exc)))
             raise
         with self._guard:
-            if self._state == "draining":
-                return  # stopped meanwhile: it stays out of rotation
             self._state, self._detail = "ready", "all models loaded"
             self._ready_after = round(time.monotonic() - self._started, 3)
         log.info("ready after %.1f s: %s", self._ready_after, ", ".join(self._engines))
@@ -155,9 +159,10 @@ class ModelRegistry:
         return min((engine.drain_seconds() for engine in engines), default=1)
 
     def drain(self) -> None:
-        """This worker is stopping: /readyz and /health answer 503 while admitted requests
-        finish."""
-        self._set("draining", "stopping: finishing the requests already admitted")
+        """This worker is stopping: /readyz and /health answer 503 from now on, while admitted
+        requests finish. Safe in a signal handler: it takes no lock (the interrupted thread may
+        hold it), it only sets a flag."""
+        self._draining = True
 
     def close(self) -> None:
         """Stop every engine (at process exit, or at the end of a drain): what still runs
