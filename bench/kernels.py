@@ -1,13 +1,15 @@
-"""int4 in textgen's own kernel (textgen/models/q4.py) against PyTorch's int8 and int4.
+"""textgen's block-quantized kernels (textgen/models/blockwise.py) against PyTorch's int8 and
+int4 kernels and Inductor's templates.
 
 Two measurements, each alternating the kernels in one process (min of 6 rounds):
-- ``--matmuls``: the kernel alone against ``_weight_int8pack_mm`` and (AVX-512 only)
-  ``_weight_int4pack_mm_for_cpu`` on the seeds' matmul shapes, at 1 and 16 rows, over 24 copies
-  of the weights so that they come from memory, not from the cache (as in a decode step, where
-  every layer's weights are read once).
-- compiled one-token steps of whole models (the default): int8 (Inductor's template) against
-  int4 in textgen's kernel ("q4") and, on AVX-512, int4 in Inductor's template ("int4"), at 1
-  and 16 rows, over a KV cache of ``--columns`` positions.
+- ``--matmuls``: the kernels alone (Q4 and Q8) against ``_weight_int8pack_mm`` and (AVX-512
+  only) ``_weight_int4pack_mm_for_cpu`` on the seeds' matmul shapes, output layers included,
+  at 1 and 16 rows, over enough copies of the weights (about 100 MB) that they come from
+  memory, not from the cache (as in a decode step, where every layer's weights are read once).
+- compiled one-token steps of whole models (the default): int8 and int4 in PyTorch's formats
+  (Inductor's int8 template; its int4 template, AVX-512 only) against textgen's ("q8": every
+  layer Q8; "q4": Q4 and the output layer Q8), at 1 and 16 rows, over a KV cache of
+  ``--columns`` positions.
 
 Usage: python bench/kernels.py [--matmuls] [--models smollm2-135m-instruct,/path/to/gpt2]
        [--columns 80] [--out bench/out/kernels.json]        (needs AVX2, FMA, F16C and c++)
@@ -28,7 +30,7 @@ from unittest import mock
 import torch
 from serving import REPO
 
-from textgen.models import cpu, q4
+from textgen.models import blockwise, cpu
 from textgen.models.cache import ModelCache
 from textgen.models.compiled import example_inputs, program_class
 from textgen.models.cpu import cpu_flags
@@ -37,17 +39,19 @@ from textgen.models.quantize import INT4_GROUP
 from textgen.models.specs import make_spec
 from textgen.runtime import configure_torch
 
-# (name, output rows N, input columns K): GPT-2's fused q/k/v, its MLP, the embedded model's
-# fused q/k/v, gate and up, and down projections.
+# (name, output rows N, input columns K): GPT-2's fused q/k/v, its MLP, its output layer, the
+# embedded model's fused q/k/v, gate and up, down projections and output layer.
 SHAPES = [
     ("gpt2 qkv", 2304, 768),
     ("gpt2 mlp up", 3072, 768),
     ("gpt2 mlp down", 768, 3072),
+    ("gpt2 output", 50257, 768),
     ("smollm2 qkv", 960, 576),
     ("smollm2 gate+up", 3072, 576),
     ("smollm2 down", 576, 1536),
+    ("smollm2 output", 49152, 576),
 ]
-COPIES = 24
+WEIGHTS = 100_000_000  # at least so many weights in copies, more than any cache holds
 
 
 def best_of(runs: dict[str, Callable[[], object]], calls: int, rounds: int = 6) -> dict[str, float]:
@@ -67,35 +71,41 @@ def best_of(runs: dict[str, Callable[[], object]], calls: int, rounds: int = 6) 
 def matmuls(avx512: bool) -> list[dict[str, Any]]:
     results = []
     for name, n, k in SHAPES:
-        packed = [q4.quantized(torch.randn(n, k) * 0.02) for _ in range(COPIES)]
-        int8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(COPIES)]
+        copies = max(2, WEIGHTS // (n * k))
+        weights = [torch.randn(n, k) * 0.02 for _ in range(copies)]
+        q4, q8 = ([blockwise.pack(w, bits) for w in weights] for bits in (4, 8))
+        del weights
+        int8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
         scale = torch.rand(n).to(torch.bfloat16)
         int4 = [
             torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 torch.randint(0, 16, (n, k), dtype=torch.int32), 1
             )
-            for _ in range(COPIES if avx512 else 0)
+            for _ in range(copies if avx512 and n % 16 == 0 else 0)
         ]
         scale_zero = torch.rand(k // INT4_GROUP, n, 2).to(torch.bfloat16)
         for rows in (1, 16):
             x = torch.randn(rows, k)
             x16 = x.to(torch.bfloat16)
             runs: dict[str, Callable[[], object]] = {
-                "q4": lambda x=x, ws=packed, k=k: [q4.matmul(x, w, k) for w in ws],
+                "q4": lambda x=x, ws=q4, n=n: [blockwise.matmul(x, w, n) for w in ws],
+                "q8": lambda x=x, ws=q8, n=n: [blockwise.matmul(x, w, n) for w in ws],
                 "int8pack": lambda x=x16, ws=int8, s=scale: [
                     torch.ops.aten._weight_int8pack_mm(x, w, s) for w in ws
                 ],
             }
-            if avx512:
+            if int4:
                 runs["int4pack"] = lambda x=x16, ws=int4, s=scale_zero: [
                     torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, s) for w in ws
                 ]
-            ms = best_of(runs, calls=5)
+            ms = best_of(runs, calls=2 if n * k > 10_000_000 else 5)
             result: dict[str, Any] = {"matmul": name, "rows": rows}
-            result.update({f"{kernel}_ms": round(ms[kernel] / COPIES, 4) for kernel in runs})
-            result["q4_weight_gb_s"] = round(packed[0].nbytes * COPIES / ms["q4"] / 1e6, 1)
-            result.update({f"q4_over_{kernel}": round(ms[kernel] / ms["q4"], 2) for kernel in runs})
-            del result["q4_over_q4"]
+            result.update({f"{kernel}_ms": round(ms[kernel] / copies, 4) for kernel in runs})
+            for bits, packed in (("q4", q4), ("q8", q8)):
+                result[f"{bits}_weight_gb_s"] = round(packed[0].nbytes * copies / ms[bits] / 1e6, 1)
+            result["q8_over_int8pack"] = round(ms["int8pack"] / ms["q8"], 2)
+            if int4:
+                result["q4_over_int4pack"] = round(ms["int4pack"] / ms["q4"], 2)
             results.append(result)
             print(json.dumps(result), flush=True)
     return results
@@ -116,22 +126,22 @@ def step_inputs(program: Any, rows: int, columns: int) -> list[Any]:
 
 
 @contextmanager
-def int4_kernel(textgens: bool) -> Iterator[None]:
-    """int4 weights in textgen's kernel (Q4Linear) or PyTorch's (Int4Linear), whatever the CPU."""
-    with mock.patch.object(cpu, "q4_preferred", lambda flags=None: textgens):
+def kernels(textgens: bool) -> Iterator[None]:
+    """int4 and int8 weights in textgen's kernels (BlockLinear) or PyTorch's, whatever the CPU."""
+    with mock.patch.object(cpu, "blocks_preferred", lambda: textgens):
         yield
 
 
 def steps(models: list[str], columns: int, avx512: bool) -> list[dict[str, Any]]:
     cache = ModelCache(Path.home() / ".cache" / "textgen")
-    formats = {"int8": ("int8", False), "q4": ("int4", True)}
+    formats = {"int8": ("int8", False), "q8": ("int8", True), "q4": ("int4", True)}
     if avx512:
         formats["int4"] = ("int4", False)  # Inductor's int4 template
     results = []
     for source in models:
         loaded = {}
         for name, (dtype, textgens) in formats.items():
-            with int4_kernel(textgens):
+            with kernels(textgens):
                 loaded[name] = load_model(make_spec(source, dtype=dtype), cache, compiled=True)
         model = loaded["int8"].model
         program = program_class(model)(model)
@@ -147,6 +157,7 @@ def steps(models: list[str], columns: int, avx512: bool) -> list[dict[str, Any]]
                 )
             result: dict[str, Any] = {"model": Path(source).name, "rows": rows, "columns": columns}
             result.update({f"{name}_ms": round(ms[name], 2) for name in loaded})
+            result["q8_over_int8"] = round(ms["int8"] / ms["q8"], 3)
             result.update({f"q4_over_{name}": round(ms[name] / ms["q4"], 3) for name in loaded})
             del result["q4_over_q4"]
             results.append(result)
@@ -162,12 +173,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "kernels.json")
     args = parser.parse_args()
     flags = set(cpu_flags().split())
-    if not cpu.q4_runnable(flags):
-        raise SystemExit("textgen's int4 kernel needs x86-64 with AVX2, FMA, F16C and c++")
+    if not cpu.blocks_runnable(flags):
+        raise SystemExit("textgen's kernels need x86-64 with AVX2, FMA, F16C and c++")
     avx512 = cpu.AVX512 <= flags
     configure_torch(2)
     torch.manual_seed(0)
-    q4.load(Path.home() / ".cache" / "textgen")
+    blockwise.load(Path.home() / ".cache" / "textgen")
     if args.matmuls:
         results = matmuls(avx512)
     else:

@@ -132,9 +132,9 @@ def assert_close_to_eager(model: Any, program: Any) -> None:
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_embedded_model_compiled_perplexity(dtype: str) -> None:
     """Perplexity of the shipped text through the compiled decoder, token by token (as decode
-    steps see it). Measured here: int8 18.94-18.96 (eager 18.99), int4 18.88 (eager 18.91),
-    against 18.87 for float32. Bound: within 2% of float32, as the eager formats
-    (test_quantize), whose weights these are."""
+    steps see it). Measured here, in textgen's kernels: int8 18.908, int4 18.872 (as eager),
+    against 18.872 for float32; in PyTorch's and Inductor's: int8 18.953, int4 18.875. Bound:
+    within 2% of float32, as the eager formats (test_quantize), whose weights these are."""
     spec = make_spec("smollm2-135m-instruct", dtype=dtype)
     loaded = load_model(spec, ModelCache(EMBEDDED_CACHE), compiled=True)
     assert loaded.program is not None
@@ -188,7 +188,11 @@ def test_no_program_for_other_formats_models_or_machines(
     spec = make_spec(str(model_dirs["tiny-llama"]), dtype="int8")
     assert load_model(spec, cache, compiled=True).program is None  # no C++ compiler
     monkeypatch.setattr(cpu.shutil, "which", lambda _: None)
-    assert is_prepared(spec, cache, compiled=True)  # nothing to compile without a compiler
+    # Without a compiler: PyTorch's int8 layout (textgen's kernels are C++ too), prepared once,
+    # and nothing to compile.
+    assert not is_prepared(spec, cache, compiled=True)
+    assert load_model(spec, cache, compiled=True).program is None
+    assert is_prepared(spec, cache, compiled=True)
 
 
 def test_deterministic_false_takes_the_fused_attention(

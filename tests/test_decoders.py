@@ -20,7 +20,7 @@ from textgen.engine.kvcache import BatchCache
 from textgen.models import compiled
 from textgen.models.cache import ModelCache
 from textgen.models.loading import LoadedModel, load_model
-from textgen.models.quantize import Int8Linear
+from textgen.models.quantize import BlockLinear, Int8Linear
 from textgen.models.specs import make_spec
 
 BUILDERS = {"gpt2": save_tiny_gpt2, "phi": save_tiny_phi}
@@ -44,7 +44,10 @@ def test_every_projection_is_quantized_and_compiled(int8_model: LoadedModel) -> 
     """GPT-2's Conv1D layers are quantized like linear layers (they were left in float32)."""
     assert int8_model.program is not None
     projections = compiled.program_class(int8_model.model).projections(int8_model.model)
-    assert projections and all(isinstance(layer, Int8Linear) for layer in projections)
+    assert projections and all(
+        isinstance(layer, Int8Linear) or isinstance(layer, BlockLinear) and layer.bits == 8
+        for layer in projections
+    )
 
 
 def test_compiled_logits_stay_close_to_transformers(int8_model: LoadedModel) -> None:

@@ -74,8 +74,9 @@ class ModelCache:
         Keyed by the directory's weights files and, for a directory outside the cache, its
         absolute path and the files' times. A directory inside the cache (a conversion or a
         Hub snapshot) is already named by its content: it is keyed by its place in the cache
-        and its files' names and sizes, so a copied or re-mounted cache stays valid. int4 is
-        also keyed by its layout: PyTorch's kernel's (by the torch version) or textgen's.
+        and its files' names and sizes, so a copied or re-mounted cache stays valid. Also keyed
+        by the layout: textgen's kernels' (cpu.BLOCKS_FORMAT), or PyTorch's (int4's by the
+        torch version).
         """
         files = sorted(model_dir.glob("*.safetensors"))
         try:
@@ -85,8 +86,10 @@ class ModelCache:
             place = str(model_dir.resolve())
             stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         layout = ""
-        if dtype == "int4":  # PyTorch's kernel's layout, or textgen's (q4.py)
-            layout = cpu.Q4_FORMAT if cpu.q4_preferred() else metadata.version("torch")
+        if cpu.blocks_preferred():  # textgen's kernels' layouts (blockwise.py)
+            layout = cpu.BLOCKS_FORMAT
+        elif dtype == "int4":  # PyTorch's int4 kernel's
+            layout = metadata.version("torch")
         parts: list[Any] = [place, stamp, layout]
         if model_type(model_dir) == "gpt2":  # Conv1D layers quantized too since format 2
             parts.append(CONV1D_FORMAT)

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from textgen.models import q4
+from textgen.models import blockwise
 from textgen.models.aoti import CompiledPackage
 from textgen.models.architecture import compilable, family
 from textgen.models.cache import ModelCache
@@ -33,7 +33,7 @@ from textgen.models.decoders.base import Program
 from textgen.models.decoders.gpt2 import GPT2Program
 from textgen.models.decoders.llama import LlamaProgram
 from textgen.models.decoders.phi import PhiProgram
-from textgen.models.quantize import Int4Linear, Int8Linear, Q4Linear
+from textgen.models.quantize import BlockLinear, Int4Linear, Int8Linear
 from textgen.models.sources import damaged
 from textgen.models.tuning import Tuning, warn_if_slow, write_record
 from textgen.models.tuning import check as tuning_check
@@ -67,14 +67,18 @@ PROGRAMS: dict[str, Family] = {"llama": LlamaProgram, "gpt2": GPT2Program, "phi"
 def supports(model: Any, dtype: str) -> bool:
     """Models the compiled decoder takes (``architecture.compilable``) whose every linear layer
     holds ``dtype`` weights as quantize.py stores them: int8, or int4 with the output layer in
-    int8 (which int4 keeps there)."""
+    int8 (which int4 keeps there); each in textgen's kernels' format or in PyTorch's."""
     if not compilable(model.config, dtype):
         return False
-    kind = (Int4Linear, Q4Linear) if dtype == "int4" else Int8Linear
+
+    def holds(linear: Any, bits: int) -> bool:
+        if isinstance(linear, BlockLinear):
+            return linear.bits == bits
+        return isinstance(linear, Int4Linear if bits == 4 else Int8Linear)
+
     projections = program_class(model).projections(model)
-    return isinstance(model.lm_head, Int8Linear) and all(
-        isinstance(linear, kind) for linear in projections
-    )
+    bits = 4 if dtype == "int4" else 8
+    return holds(model.lm_head, 8) and all(holds(linear, bits) for linear in projections)
 
 
 def program_class(model: Any) -> Family:
@@ -139,8 +143,8 @@ def compile_program(model: Any, target: Path, deterministic: bool = True) -> dic
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.stem}.{os.getpid()}.partial.pt2")
     settings = dict(INDUCTOR_SETTINGS)
-    if any(isinstance(linear, Q4Linear) for linear in program_class(model).projections(model)):
-        settings.update(q4.inductor_settings())  # the decoder calls textgen's int4 kernel
+    if any(isinstance(module, BlockLinear) for module in model.modules()):
+        settings.update(blockwise.inductor_settings())  # the decoder calls textgen's kernels
     tuning = Tuning()
     with tuning.robust():
         torch._inductor.aoti_compile_and_package(

@@ -1,5 +1,6 @@
 """What this machine can run, torch-free (the cache's keys and the weight formats' defaults
-depend on it): the CPU's vector instruction sets, a C++ compiler, and so which int4 kernel."""
+depend on it): the CPU's vector instruction sets, a C++ compiler, and so which int4 and int8
+kernels."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from pathlib import Path
 
 # The instruction sets of Inductor's AVX-512 code (its VecAVX512).
 AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
-# The instructions textgen's int4 x int8 kernel (q4.py) is built with.
-Q4_NEEDS = {"avx2", "fma", "f16c"}
-# That kernel's weight layout and C function: part of the quantized cache file's key, and so
-# of the compiled decoders' that call the function. Bump when either changes.
-Q4_FORMAT = "q4.4"
+# The instructions textgen's block-quantized kernels (blockwise.py) are built with.
+BLOCKS_NEEDS = {"avx2", "fma", "f16c"}
+# Their weight layouts and C functions: part of the quantized cache file's key, and so of the
+# compiled decoders' that call the functions. Bump when either changes.
+BLOCKS_FORMAT = "blocks.1"
 
 
 def compiler_available() -> bool:
@@ -35,18 +36,18 @@ def cpu_flags() -> str:
     return ""
 
 
-def q4_runnable(flags: set[str]) -> bool:
+def blocks_runnable(flags: set[str]) -> bool:
     """Whether a machine whose CPU has the instruction sets ``flags`` (cpu_flags) can build and
-    run textgen's int4 kernel: x86-64 with AVX2, FMA and F16C, and a C++ compiler."""
+    run textgen's block-quantized kernels: x86-64 with AVX2, FMA and F16C, and a C++ compiler."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return x86 and Q4_NEEDS <= flags and compiler_available()
+    return x86 and BLOCKS_NEEDS <= flags and compiler_available()
 
 
-def q4_preferred(flags: set[str] | None = None) -> bool:
-    """Whether int4 weights take textgen's kernel (quantize.Q4Linear) rather than PyTorch's
-    (Int4Linear): where it runs and the CPU lacks AVX-512, where Inductor has no int4 template.
-    It is faster than that template on a Zen 4 too (0.79x its step time at one row, 0.93x at
-    16; bench/RESULTS.md), but rounding the activations to int8 changed the embedded model's
-    greedy answers (the README's Paris example), so AVX-512 keeps the template."""
-    flags = set(cpu_flags().split()) if flags is None else flags
-    return q4_runnable(flags) and not AVX512 <= flags
+def blocks_preferred() -> bool:
+    """Whether int4 and int8 weights take textgen's kernels (quantize.BlockLinear) rather than
+    PyTorch's (Int4Linear, Int8Linear): wherever they run. At one row they read the weights
+    1.3-2.3x as fast as PyTorch's kernels and Inductor's templates (the int8 template read the
+    output layer at 15 GB/s), at 16 rows int8 1.5-1.75x as fast, int4 0.8-0.95x Inductor's
+    AVX-512 int4 template (bench/RESULTS.md); their activations keep 16-bit precision, where
+    PyTorch's round them to bfloat16."""
+    return blocks_runnable(set(cpu_flags().split()))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from textgen.models import cpu, float16, q4
+from textgen.models import blockwise, cpu, float16
 from textgen.models.cache import ModelCache
 from textgen.models.layers import linear_layers, linearize
 from textgen.models.sources import ModelUnavailable, damaged
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # int4 weights share one scale and one zero point per group of this many input columns: the
 # embedded model's Q4_1 blocks are 32 wide, so its weights survive with only the rounding of
 # each block's scale and minimum to bfloat16.
-INT4_GROUP = q4.BLOCK
+INT4_GROUP = blockwise.BLOCK
 
 
 class WeightOnlyLinear(torch.nn.Module):
@@ -54,6 +54,7 @@ class Int8Linear(WeightOnlyLinear):
         super().__init__(bias)
         self.register_buffer("weight_int8", aligned(weight))
         self.register_buffer("scale", scale)
+        self.out_features, self.in_features = weight.shape
 
     @staticmethod
     def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
@@ -93,6 +94,8 @@ class Int4Linear(WeightOnlyLinear):
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, bias: Any) -> None:
         super().__init__(bias)
         self.register_buffer("packed", packed)
+        self.out_features = scale_zero.shape[1]
+        self.in_features = scale_zero.shape[0] * INT4_GROUP
         self.register_buffer("scale_zero", scale_zero)
 
     @staticmethod
@@ -104,7 +107,7 @@ class Int4Linear(WeightOnlyLinear):
     @staticmethod
     def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
         weight = linear.weight.detach().float()
-        codes, scale, low = q4.int4_groups(weight)
+        codes, scale, low = blockwise.int4_groups(weight)
         codes = codes.to(torch.int32).reshape(weight.shape)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
@@ -116,31 +119,36 @@ class Int4Linear(WeightOnlyLinear):
         )
 
 
-class Q4Linear(WeightOnlyLinear):
-    """4-bit weights in textgen's own kernel (q4.py) for x86-64 CPUs with AVX2: Q4_1 blocks of
-    INT4_GROUP input columns, activations rounded to int8 in the same blocks; ``q4`` holds them
-    in the kernel's layout (q4.quantized)."""
+class BlockLinear(WeightOnlyLinear):
+    """Weights in textgen's own kernels (blockwise.py) for x86-64 CPUs with AVX2: int4 as Q4
+    (Q4_1) and int8 as Q8 (Q8_0) blocks of INT4_GROUP input columns, the activations rounded in
+    the same blocks to two int8 digits; ``blocks`` holds them in the kernel's layout
+    (blockwise.pack), whose last dimension names the format."""
 
-    q4: torch.Tensor
+    blocks: torch.Tensor
 
-    def __init__(self, packed: torch.Tensor, columns: int, bias: Any) -> None:
+    def __init__(self, packed: torch.Tensor, rows: int, bias: Any) -> None:
         super().__init__(bias)
-        self.register_buffer("q4", packed)
-        self.in_features = columns
+        self.register_buffer("blocks", packed)
+        self.out_features, self.in_features = rows, packed.shape[1] * INT4_GROUP
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.blocks.shape[-1] == blockwise.BLOCK_BYTES[4] else 8
 
     @staticmethod
-    def fits(linear: torch.nn.Linear) -> bool:
-        """The kernel takes output rows by 4 and input columns by pairs of blocks."""
+    def fits(linear: torch.nn.Linear, alone: bool = False) -> bool:
+        """The kernels take input columns by pairs of blocks, and output rows by 4: a layer
+        joined with others into one matmul must have whole groups of 4 (``alone``: any)."""
         rows, columns = linear.weight.shape
-        return rows % 4 == 0 and columns % (2 * INT4_GROUP) == 0
+        return columns % (2 * INT4_GROUP) == 0 and (alone or rows % 4 == 0)
 
     @staticmethod
-    def quantized(linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
-        return {"q4": q4.quantized(linear.weight)}
+    def quantized(linear: torch.nn.Linear, bits: int) -> dict[str, torch.Tensor]:
+        return {"blocks": blockwise.pack(linear.weight, bits)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = q4.matmul(x.reshape(-1, x.shape[-1]), self.q4, self.in_features)
-        out = out.reshape(*x.shape[:-1], -1).to(x.dtype)
+        out = blockwise.matmul(x, self.blocks, self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
 
@@ -175,18 +183,21 @@ def quantized_tensors(model: torch.nn.Module, dtype: str) -> dict[str, torch.Ten
 
     In int4, the output layer stays int8 (it is the most sensitive to rounding, and GGUF
     files keep it at 8 bits too: the embedded model's is Q8_0), and so does a layer the int4
-    kernel cannot take (odd shapes). int4 is PyTorch's kernel's layout (Int4Linear) or, where
-    cpu.q4_preferred(), textgen's (Q4Linear).
+    kernel cannot take (odd shapes). Where cpu.blocks_preferred(), textgen's kernels' layouts
+    (BlockLinear: Q4 and Q8), else PyTorch's (Int4Linear, Int8Linear).
     """
     output = getattr(model, "get_output_embeddings", lambda: None)()
-    int4: type[Int4Linear] | type[Q4Linear] = Q4Linear if cpu.q4_preferred() else Int4Linear
+    blocks = cpu.blocks_preferred()
     tensors: dict[str, torch.Tensor] = {}
     for key, parent, attr in layer_names(model):
         linear = getattr(parent, attr)
-        kind: type[Int4Linear] | type[Q4Linear] | type[Int8Linear] = (
-            int4 if dtype == "int4" and linear is not output and int4.fits(linear) else Int8Linear
-        )
-        parts = kind.quantized(linear)
+        bits = 4 if dtype == "int4" and linear is not output else 8
+        if blocks and BlockLinear.fits(linear, alone=linear is output):
+            parts = BlockLinear.quantized(linear, bits)
+        elif bits == 4 and not blocks and Int4Linear.fits(linear):
+            parts = Int4Linear.quantized(linear)
+        else:
+            parts = Int8Linear.quantized(linear)
         tensors.update({f"{key}.{name}": tensor for name, tensor in parts.items()})
     return tensors
 
@@ -195,9 +206,9 @@ def swap_in(model: torch.nn.Module, stored: dict[str, torch.Tensor]) -> None:
     """Replace every linear layer by the quantized one ``stored`` holds for it."""
     for key, parent, attr in layer_names(model):
         bias = getattr(parent, attr).bias
-        if f"{key}.q4" in stored:
-            columns = getattr(parent, attr).in_features
-            layer: WeightOnlyLinear = Q4Linear(stored[f"{key}.q4"], columns, bias)
+        if f"{key}.blocks" in stored:
+            rows = getattr(parent, attr).out_features
+            layer: WeightOnlyLinear = BlockLinear(stored[f"{key}.blocks"], rows, bias)
         elif f"{key}.packed" in stored:
             layer = Int4Linear(stored[f"{key}.packed"], stored[f"{key}.scale_zero"], bias)
         else:
@@ -227,13 +238,13 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
             )
         float16.convert(model)
         return
-    if dtype == "int4" and cpu.q4_preferred():
+    if cpu.blocks_preferred():
         try:
-            q4.load(cache.root)
+            blockwise.load(cache.root)
         except RuntimeError as exc:
             raise ModelUnavailable(
-                f"int4 weights here need textgen's int4 kernel, which could not be built ({exc}); "
-                "choose int8 (#int8 in TEXTGEN_MODELS)"
+                f"{dtype} weights here need textgen's kernels, which could not be built ({exc}); "
+                "choose float16 or float32 (#dtype in TEXTGEN_MODELS)"
             ) from exc
     target = cache.quantized_path(model_dir, dtype)
     if not target.is_file():

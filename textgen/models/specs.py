@@ -29,13 +29,11 @@ AUTO_KINDS = ("hub", "gguf")
 
 def embedded_default() -> str:
     """The embedded model's default weight format (bench/RESULTS.md). On x86-64 with a C++
-    compiler, compiled (textgen/models/compiled.py): int4 where the CPU has AVX-512, which
-    Inductor's int4 GEMM template needs (5-8% more tokens/s than int8 there, and this model's
-    Q4_1 weights held within 0.2% perplexity of float32), else int8. textgen's own int4 kernel
-    (q4.py, AVX2) is faster than int8 but rounds activations to int8, which changed this
-    model's greedy answers (bench/RESULTS.md), so it is not a default. Without a compiler
-    float16 (fbgemm, x86-64 only), the fastest uncompiled format once clients share the batch;
-    elsewhere int4."""
+    compiler, compiled (textgen/models/compiled.py) int4: its weights are Q4_1 already, which
+    textgen's kernel (blockwise.py, AVX2) keeps as they are, and it reads fewer bytes than int8
+    (Inductor's int4 template, on AVX-512 CPUs without the kernel's instructions). Without a
+    compiler float16 (fbgemm, x86-64 only), the fastest uncompiled format once clients share
+    the batch; elsewhere int4."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "int4"
     if not compiler_available():
@@ -44,8 +42,10 @@ def embedded_default() -> str:
 
 
 def fast_int4() -> bool:
-    """Whether compiled int4 is the default here: with AVX-512 (Inductor's template)."""
-    return cpu.AVX512 <= set(cpu_flags().split())
+    """Whether compiled int4 is the default here: with textgen's kernels (AVX2, FMA, F16C), or
+    with AVX-512 (Inductor's template)."""
+    flags = set(cpu_flags().split())
+    return cpu.blocks_runnable(flags) or cpu.AVX512 <= flags
 
 
 def resolved_dtype(dtype: str, config: Any, compile: bool) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from textgen.models import q4
-from textgen.models.quantize import INT4_GROUP, Int4Linear, Int8Linear, Q4Linear
+from textgen.models import blockwise
+from textgen.models.quantize import INT4_GROUP, BlockLinear, Int4Linear, Int8Linear
 
 
 class Program(torch.nn.Module):
@@ -35,26 +35,33 @@ class Program(torch.nn.Module):
         super().__init__()
         self.layer_count, self.heads, self.kv_heads = layers, heads, kv_heads
         self.head_dim, self.width = head_dim, width
+        self.rows: dict[str, int] = {}  # output rows of each matmul (textgen's are packed by 4)
 
     @staticmethod
     def projections(model: Any) -> list[Any]:
         """Every projection of the decoder layers (the output layer apart)."""
         raise NotImplementedError
 
-    def fuse(self, name: str, *linears: Int8Linear | Int4Linear | Q4Linear) -> None:
+    def fuse(self, name: str, *linears: Int8Linear | Int4Linear | BlockLinear) -> None:
         """One matmul for layers that read the same input (exact: each output row keeps its
-        own weights and scales; int4 parts are whole blocks of 64 rows)."""
+        own weights and scales; int4 parts are whole blocks of 64 rows, textgen's of 4)."""
+        if len({type(linear) for linear in linears}) > 1:
+            raise ValueError(f"{name}: joined layers must share a format, not {linears}")
         parts = [stored(linear) for linear in linears]
         self.register_buffer(f"{name}_w", torch.cat([weight for weight, _ in parts]))
-        if not isinstance(linears[0], Q4Linear):  # whose scales are in its weights
+        if not isinstance(linears[0], BlockLinear):  # whose scales are in its weights
             int4 = isinstance(linears[0], Int4Linear)  # scale, zero point [groups, rows, 2]
             scale = torch.cat([s for _, s in parts if s is not None], dim=1 if int4 else 0)
             self.register_buffer(f"{name}_s", scale.contiguous())
+        rows = [linear.out_features for linear in linears]
+        if isinstance(linears[0], BlockLinear) and any(count % 4 for count in rows[:-1]):
+            raise ValueError(f"{name}: joined layers must have output rows by 4, not {rows}")
+        self.rows[name] = sum(rows)
         biases = [linear.bias for linear in linears]
         if any(bias is not None for bias in biases):
             filled = [
-                bias.detach().float() if bias is not None else torch.zeros(output_rows(weight))
-                for bias, (weight, _) in zip(biases, parts, strict=True)
+                bias.detach().float() if bias is not None else torch.zeros(count)
+                for bias, count in zip(biases, rows, strict=True)
             ]
             self.register_buffer(f"{name}_b", torch.cat(filled))
 
@@ -68,8 +75,8 @@ class Program(torch.nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weight, scale = getattr(self, f"{name}_w"), getattr(self, f"{name}_s", None)
-        if weight.dim() == 3:  # textgen's int4 (Q4Linear)
-            out = q4.matmul(flat, weight, shape[-1])
+        if weight.dim() == 3:  # textgen's kernels (BlockLinear)
+            out = blockwise.matmul(flat, weight, self.rows[name])
         elif weight.dtype == torch.uint8:  # PyTorch's int4, packed two to a byte
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), weight, INT4_GROUP, scale
@@ -181,18 +188,15 @@ def padded(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(*rows.shape[:-2], 8, rows.shape[-1])], -2)
 
 
-def stored(linear: Int8Linear | Int4Linear | Q4Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stored(
+    linear: Int8Linear | Int4Linear | BlockLinear,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A quantized layer's weights (by output rows) and scales (None: inside the weights)."""
-    if isinstance(linear, Q4Linear):
-        return linear.q4, None
+    if isinstance(linear, BlockLinear):
+        return linear.blocks, None
     if isinstance(linear, Int4Linear):
         return linear.packed, linear.scale_zero
     return linear.weight_int8, linear.scale
-
-
-def output_rows(weight: torch.Tensor) -> int:
-    """Output rows of stored weights: a Q4Linear's are packed by 4 ([rows / 4, groups, bytes])."""
-    return 4 * weight.shape[0] if weight.dim() == 3 else weight.shape[0]
 
 
 def rotate(both: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

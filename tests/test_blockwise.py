@@ -1,0 +1,199 @@
+"""textgen's block-quantized kernels (textgen/models/blockwise.py, kernels/blocks.cpp), Q4 and
+Q8: their arithmetic, their batch invariance, their layouts, and compiled decoders that call
+them, served through HTTP.
+
+The kernels are what int4 and int8 run on x86-64 CPUs with AVX2, FMA and F16C; the compiled
+decoder's tests force them and PyTorch's kernels in turn (``cpu.blocks_preferred``), so every
+machine that can run them checks both."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from tests.test_compiled import PROMPTS, assert_close_to_eager, step_by_step
+from tests.test_engine import concurrently, post, text
+from tests.tiny_models import save_tiny_llama
+from textgen import create_app
+from textgen.models import blockwise, compiled, cpu
+from textgen.models.cache import ModelCache
+from textgen.models.cpu import blocks_runnable, cpu_flags
+from textgen.models.loading import LoadedModel, load_model
+from textgen.models.quantize import INT4_GROUP, BlockLinear, Int4Linear, Int8Linear
+from textgen.models.specs import make_spec
+
+pytestmark = pytest.mark.skipif(
+    not blocks_runnable(set(cpu_flags().split())),
+    reason="needs x86-64 with AVX2, FMA, F16C and c++",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return blockwise.load(tmp_path_factory.mktemp("kernel-cache"))
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in float64: activations rounded in blocks of 32 to two int8
+    digits, s * (q + f / 256) with s = max |x| / 127 (ties to even, f at most 127), times the
+    weights the packed layout stands for."""
+    rows, columns = x.shape
+    blocks = x.double().reshape(rows, -1, INT4_GROUP)
+    largest = blocks.abs().amax(-1, keepdim=True)
+    scale = largest / 127
+    scaled = torch.where(largest > 0, blocks / scale, torch.zeros(()))
+    first = torch.round(scaled)
+    second = torch.round((scaled - first) * 256).clamp(max=127)
+    return ((first + second / 256) * scale).reshape(rows, columns) @ weight.double().t()
+
+
+SHAPES = [(4, 64), (8, 576), (64, 640), (2304, 768), (12, 1536), (10, 128)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("rows", "columns"), SHAPES)
+def test_kernel_computes_the_rounded_product(bits: int, rows: int, columns: int) -> None:
+    """Against the same rounding done in float64: the kernel's only other error is float32
+    summation (relative 5e-7 measured); against the unrounded activations, the rounding to two
+    int8 digits (relative 1.3e-5 to 2.4e-5 measured; one digit alone gave 5.3e-3). 10 rows:
+    packed with 2 rows of zeros, which the answer leaves out."""
+    torch.manual_seed(rows + columns + bits)
+    weight = torch.randn(rows, columns) * 0.02
+    packed = blockwise.pack(weight, bits)
+    stands_for = blockwise.unpack(packed, rows)
+    x = torch.randn(9, columns) * 3
+    x[2] = 0  # an all-zero row: scale 0, no division by it
+    x[3, :INT4_GROUP] *= 1e4  # one block far larger than the rest
+    got = blockwise.matmul(x, packed, rows).double()
+    assert got.shape == (9, rows)
+    want = reference(x, stands_for)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    exact = x.double() @ stands_for.double().t()
+    assert float((got - exact).norm() / exact.norm()) < 1e-4
+    assert torch.equal(got[2], torch.zeros(rows, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_rows_result_does_not_depend_on_the_batch(bits: int) -> None:
+    """Bit-equal alone, in a batch of 9, and in a batch of 256 (a prefill chunk's size, where
+    the activations are rounded in parallel)."""
+    torch.manual_seed(0)
+    weight = torch.randn(96, 640) * 0.05
+    packed = blockwise.pack(weight, bits)
+    x = torch.randn(256, 640)
+    batch = blockwise.matmul(x, packed, 96)
+    nine = blockwise.matmul(x[:9], packed, 96)
+    for row in range(9):
+        alone = blockwise.matmul(x[row : row + 1], packed, 96)[0]
+        assert torch.equal(alone, batch[row])
+        assert torch.equal(alone, nine[row])
+
+
+def test_q4_layout_holds_the_int4_rounding() -> None:
+    """The Q4 layout keeps int4_groups' codes; scales and minimums rounded to float16."""
+    torch.manual_seed(1)
+    weight = torch.randn(8, 576)
+    codes, scale, low = blockwise.int4_groups(weight)
+    half = scale.half().float(), low.half().float()
+    expected = (codes * half[0][..., None] + half[1][..., None]).reshape(weight.shape)
+    packed = blockwise.pack(weight, 4)
+    assert torch.equal(blockwise.unpack(packed, 8), expected)
+    assert packed.nbytes == weight.numel() * 5 // 8  # 4 bits and 2 float16 per 32: no padding
+
+
+def test_q8_layout_holds_q8_0s_rounding() -> None:
+    """Q8 keeps 8-bit codes against a float16 scale of max |w| / 127 per block of 32 (as GGUF's
+    Q8_0): weights that are such codes already come back exactly; a block of zeros, or too
+    small for float16's scales, stays zeros."""
+    torch.manual_seed(2)
+    codes = torch.randint(-127, 128, (6, 128)).float()
+    codes[:, ::32] = 127  # each block's largest code, so that its scale is the one chosen
+    scale = (torch.rand(6, 4) * 0.01 + 1e-3).half().float()
+    weight = (codes.reshape(6, 4, 32) * scale[..., None]).reshape(6, 128)
+    weight[5, 32:64] = 0
+    weight[5, 64:96] = 1e-9
+    packed = blockwise.pack(weight, 8)
+    assert packed.shape == (2, 4, blockwise.BLOCK_BYTES[8])  # 6 rows padded to 8
+    unpacked = blockwise.unpack(packed, 6)
+    expected = weight.clone()
+    expected[5, 64:96] = 0
+    assert torch.equal(unpacked, expected)
+    assert packed.nbytes == 8 * 128 + 8 * 4 * 2  # a byte a weight and a float16 per 32
+
+
+def test_shapes_that_do_not_match_are_refused() -> None:
+    for bits in (4, 8):
+        packed = blockwise.pack(torch.randn(8, 128), bits)
+        with pytest.raises(RuntimeError, match="do not match activations of 192"):
+            blockwise.matmul(torch.randn(2, 192), packed, 8)
+        with pytest.raises(RuntimeError, match="packed weights"):
+            blockwise.matmul(torch.randn(2, 128), packed[0], 8)
+        with pytest.raises(RuntimeError, match="12 output rows do not match"):
+            blockwise.matmul(torch.randn(2, 128), packed, 12)
+    assert not BlockLinear.fits(torch.nn.Linear(96, 10))  # joined rows not a multiple of 4
+    assert BlockLinear.fits(torch.nn.Linear(128, 10), alone=True)
+    assert not BlockLinear.fits(torch.nn.Linear(96, 8))  # columns not whole pairs of blocks
+
+
+FORMATS = [("int4", True), ("int4", False), ("int8", True)]
+
+
+@pytest.fixture(scope="module", params=FORMATS, ids=["q4", "pytorch-int4", "q8"])
+def tiny(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LoadedModel, Path]]:
+    """A tiny Llama compiled in int4 (its output layer int8) or int8, in textgen's kernels or
+    (as on CPUs they cannot run on, such as ARM) PyTorch's."""
+    dtype, textgens = request.param
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "blocks_preferred", lambda: textgens)
+        source = save_tiny_llama(tmp_path_factory.mktemp("blocks") / "tiny", blocks=True)
+        cache = tmp_path_factory.mktemp("blocks-cache")
+        loaded = load_model(make_spec(str(source), dtype=dtype), ModelCache(cache), compiled=True)
+        yield loaded, cache
+
+
+def test_the_compiled_decoder_calls_the_kernels(tiny: tuple[LoadedModel, Path]) -> None:
+    loaded, cache = tiny
+    dtype = loaded.spec.dtype
+    assert loaded.program is not None and compiled.supports(loaded.model, dtype)
+    projections = compiled.program_class(loaded.model).projections(loaded.model)
+    textgens = cpu.blocks_preferred()  # as the fixture set it
+    pytorchs = Int4Linear if dtype == "int4" else Int8Linear
+    assert all(type(linear) is (BlockLinear if textgens else pytorchs) for linear in projections)
+    output = loaded.model.lm_head
+    assert type(output) is (BlockLinear if textgens else Int8Linear)
+    bits = 4 if dtype == "int4" else 8
+    assert not textgens or (projections[0].bits, output.bits) == (bits, 8)
+    (package,) = (cache / "compiled").glob(f"*-{dtype}.pt2")
+    with zipfile.ZipFile(package) as archive:
+        (library,) = [name for name in archive.namelist() if name.endswith(".so")]
+        code = archive.read(library)
+    # Direct calls of the kernels the layers hold.
+    assert (b"aoti_torch_cpu_q4_mm" in code) == (textgens and bits == 4)
+    assert (b"aoti_torch_cpu_q8_mm" in code) == textgens
+    assert_close_to_eager(loaded.model, loaded.program)
+
+
+def test_served_through_http_alone_and_three_at_once(
+    tiny: tuple[LoadedModel, Path], model_dirs: dict[str, Path]
+) -> None:
+    loaded, cache = tiny
+    dtype = loaded.spec.dtype
+    config = tiny_config(model_dirs, cache, DRAFT_TOKENS=0)
+    config["MODELS"] = [{"name": "blocks", "source": str(loaded.prepared.path), "dtype": dtype}]
+    app = create_app(config)
+    model = app.test_client().get("/models").get_json()["models"][0]
+    assert (model["dtype"], model["compiled"]) == (dtype, True)
+    bodies = [
+        {"prompt": prompt, "max_new_tokens": 12, "ignore_eos": True, "strategy": "greedy"}
+        for prompt in PROMPTS
+    ]
+    alone = [text(post(app, body)) for body in bodies]
+    assert alone == [step_by_step(loaded, prompt, 12) for prompt in PROMPTS]
+    assert [text(response) for response in concurrently(app, bodies)] == alone

@@ -1,0 +1,228 @@
+"""textgen's matmuls of block-quantized weights for x86-64 CPUs with AVX2 (kernels/blocks.cpp),
+and their layouts: Q4 (Q4_1: 4-bit codes, a scale and a minimum per block of 32 input
+columns, 0.625 bytes a weight) and Q8 (8-bit codes and a scale per block, 1.0625 bytes).
+
+PyTorch's int4 kernels and Inductor's int4 and int8 templates convert every weight to a float
+for one multiply-add each (and Inductor has no int4 template without AVX-512); at one row the
+int8 template read the output layer's weights at about 15 GB/s. These kernels keep the weights
+in their blocks and round the activations in the same blocks of 32 to two int8 digits (16-bit
+precision), so that 32 products take a few integer instructions, as llama.cpp's kernels do
+(bench/kernels.py measures them against PyTorch's; bench/RESULTS.md has what they give the
+compiled decoder). Their results are batch-invariant and the same bits with or without
+AVX-512 (see the source).
+
+The library is C++ built once with the system's compiler into the model cache (a few seconds),
+then loaded into the process: as the ops ``torch.ops.textgen.q4_mm`` and ``q8_mm`` for eager
+PyTorch and export, and as the C functions compiled decoders call directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from textgen.models.cpu import cpu_flags
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "blocks.cpp"
+BLOCK = 32
+# Bytes of 4 output rows x 32 input columns (kernels/blocks.cpp, kBlockBytes), by the codes'
+# bits: the last dimension of a packed tensor, which so names its format.
+BLOCK_BYTES = {4: 80, 8: 136}
+OPS = {4: "q4_mm", 8: "q8_mm"}
+
+_lock = threading.Lock()
+_loaded: Path | None = None
+
+
+def load(cache_root: Path) -> Path:
+    """Build the kernel library into ``cache_root``/kernels (once) and load it; returns its path.
+
+    Keyed by the source, the torch and Python versions and the compiler options. Workers that
+    build it at once each write their own file and rename it into place (the same bytes). A
+    cache that cannot be written (mounted read-only) gets it built into a temporary directory
+    instead."""
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        options = machine_options()
+        parts = [SOURCE.read_bytes(), metadata.version("torch").encode(), sys.version.encode()]
+        key = hashlib.sha256(b"\0".join([*parts, " ".join(options).encode()])).hexdigest()[:16]
+        library = cache_root / "kernels" / f"textgen_blocks-{key}.so"
+        if not library.is_file():
+            try:
+                build(library, options)
+            except OSError:
+                library = Path(tempfile.mkdtemp(prefix="textgen-kernels-")) / library.name
+                build(library, options)
+        # RTLD_GLOBAL: compiled decoders find aoti_torch_cpu_q4_mm among the process's symbols.
+        ctypes.CDLL(os.fspath(library), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        torch.ops.load_library(os.fspath(library))
+        register_fake()
+        _loaded = library
+        return library
+
+
+def machine_options() -> list[str]:
+    """Compiler options for this CPU beyond AVX2: with AVX-512 VL and VNNI, one instruction per
+    32 products and 32 vector registers (4 activation rows per unpacking of the weights, not 2).
+    The results are the same bits either way (the integer dot products are exact)."""
+    flags = set(cpu_flags().split())
+    return ["-mavx512vl", "-mavx512vnni"] if {"avx512vl", "avx512_vnni"} <= flags else []
+
+
+def build(library: Path, options: list[str]) -> None:
+    """Compile kernels/blocks.cpp into ``library`` (written whole, then renamed)."""
+    from torch.utils import cpp_extension
+
+    library.parent.mkdir(parents=True, exist_ok=True)
+    staging = library.with_name(f"{library.stem}.{os.getpid()}.partial.so")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [
+        os.environ.get("CXX", "c++"),
+        "-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", *options, "-fopenmp",
+        "-fPIC", "-shared", "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *[f"-I{path}" for path in cpp_extension.include_paths()],
+        os.fspath(SOURCE),
+        *[f"-L{path}" for path in cpp_extension.library_paths()],
+        "-lc10", "-ltorch_cpu",
+        "-o", os.fspath(staging),
+    ]  # fmt: skip
+    log.info("building textgen's block-quantized kernels into %s: once, about 20 s", library)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        staging.unlink(missing_ok=True)
+        raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-4000:]}")
+    os.replace(staging, library)
+
+
+def register_fake() -> None:
+    """The ops' output shapes for export (fake tensors: [rows, output rows] float32)."""
+    for op in OPS.values():
+
+        @torch.library.register_fake(f"textgen::{op}")
+        def _(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
+            return x.new_empty((x.shape[0], rows), dtype=torch.float32)
+
+
+def inductor_settings() -> dict[str, Any]:
+    """What a compiled decoder that calls the kernels needs from Inductor: their C declarations
+    (torch._inductor.config.aot_inductor.custom_ops_to_c_shims)."""
+    shims = {
+        getattr(torch.ops.textgen, op).default: [
+            f"AOTITorchError aoti_torch_cpu_{op}(AtenTensorHandle x, AtenTensorHandle packed, "
+            "int64_t rows, AtenTensorHandle* ret)"
+        ]
+        for op in OPS.values()
+    }
+    return {"aot_inductor.custom_ops_to_c_shims": shims}
+
+
+def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` [rows, columns] rounded to 4 bits in groups of BLOCK columns: the codes
+    0-15 [rows, groups, BLOCK] (float), each group's scale and minimum [rows, groups];
+    ``w = code * scale + minimum``."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // BLOCK, BLOCK)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    return codes, scale, low
+
+
+def q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` [rows, columns] rounded to 8 bits in groups of BLOCK columns: the codes
+    1-255 [rows, groups, BLOCK] (float) and each group's scale [rows, groups];
+    ``w = (code - 128) * scale``."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // BLOCK, BLOCK)
+    # The scale as stored (float16), which the codes are rounded against; a block too small for
+    # float16's scales (under 7.6e-6) is zeros.
+    scale = (groups.abs().amax(-1) / 127).clamp(max=65504).half().float()
+    ratio = torch.where(scale[..., None] > 0, groups / scale[..., None], torch.zeros(()))
+    return torch.round(ratio).clamp(-127, 127) + 128, scale
+
+
+def pack(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight`` [rows, columns] (columns a multiple of 64) in the kernel's layout of ``bits``
+    (4 or 8): [ceil(rows / 4), blocks of 32 columns, BLOCK_BYTES[bits]] uint8 (rows padded with
+    zeros to a multiple of 4), by groups of 8 blocks (a last group may hold fewer): for each 4
+    rows and group the rows' float16 scales (and minimums) [4][2 or 1][blocks], then the
+    group's pairs of blocks' codes, each [4 rows][32 or 64 bytes] (kernels/blocks.cpp)."""
+    weight = weight.detach().float()
+    rows, columns = weight.shape
+    weight = torch.cat([weight, weight.new_zeros(-rows % 4, columns)])
+    quads, blocks = weight.shape[0] // 4, columns // BLOCK
+    if bits == 4:
+        codes, scale, low = int4_groups(weight)
+        nibbles = codes.to(torch.uint8)
+        code_bytes = nibbles[..., :16] | (nibbles[..., 16:] << 4)  # [rows, blocks, 16]
+        scales = torch.stack([scale, low], dim=1)  # [rows, 2, blocks]
+    else:
+        codes, scale = q8_blocks(weight)
+        code_bytes = codes.to(torch.uint8)  # [rows, blocks, 32]
+        scales = scale[:, None]
+    width = code_bytes.shape[-1]  # a block's bytes for one row
+    parts = []
+    for start in range(0, blocks, 8):
+        size = min(8, blocks - start)
+        group = slice(start, start + size)
+        parts.append(scales[..., group].to(torch.float16).reshape(quads, -1).view(torch.uint8))
+        # Each pair of blocks, per row: the halves of the first and second block interleaved
+        # as the codes unpack (for Q4 the pair's bytes as they are).
+        pair = code_bytes[:, group].reshape(quads, 4, size // 2, 2, 2, width // 2)
+        if bits == 8:
+            pair = pair.transpose(3, 4)  # [.., half, block, 16]
+        parts.append(pair.permute(0, 2, 1, 3, 4, 5).reshape(quads, size * 4 * width))
+    packed = torch.cat(parts, dim=1)
+    return packed.reshape(quads, blocks, BLOCK_BYTES[bits]).contiguous()
+
+
+def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The float32 weights [rows, columns] that ``packed`` stands for."""
+    quads, blocks, block_bytes = packed.shape
+    bits = {size: bits for bits, size in BLOCK_BYTES.items()}[block_bytes]
+    per_scale = 2 if bits == 4 else 1  # float16 values a row and block
+    width = 16 if bits == 4 else 32  # code bytes a row and block
+    flat, offset, parts = packed.reshape(quads, -1), 0, []
+    for start in range(0, blocks, 8):
+        size = min(8, blocks - start)
+        scale_bytes = 4 * per_scale * size * 2
+        scales = flat[:, offset : offset + scale_bytes].contiguous().view(torch.float16)
+        scales = scales.reshape(quads * 4, per_scale, size, 1).float()
+        offset += scale_bytes
+        pair = flat[:, offset : offset + 4 * width * size].reshape(
+            quads, size // 2, 4, 2, 2, width // 2
+        )
+        offset += 4 * width * size
+        pair = pair.permute(0, 2, 1, 3, 4, 5)  # [quads, 4, pairs, 2, 2, width / 2]
+        if bits == 8:
+            codes = pair.transpose(3, 4).reshape(quads * 4, size, 32).float()
+            parts.append(((codes - 128) * scales[:, 0]).reshape(quads * 4, 32 * size))
+        else:
+            code_bytes = pair.reshape(quads * 4, size, 16)
+            codes = torch.cat([code_bytes & 0x0F, code_bytes >> 4], dim=-1).float()
+            parts.append((codes * scales[:, 0] + scales[:, 1]).reshape(quads * 4, 32 * size))
+    return torch.cat(parts, dim=1)[:rows]
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` [.., columns] times the weights ``packed`` of ``rows`` output rows, transposed:
+    [.., rows] float32 (the format is the packed tensor's: its last dimension)."""
+    bits = {size: bits for bits, size in BLOCK_BYTES.items()}[packed.shape[-1]]
+    op = getattr(torch.ops.textgen, OPS[bits])
+    return op(x.reshape(-1, x.shape[-1]).float(), packed, rows).reshape(*x.shape[:-1], rows)
