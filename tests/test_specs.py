@@ -62,7 +62,9 @@ def test_hub_models_and_gguf_files_default_to_the_fastest_format(monkeypatch) ->
     assert specs.resolved_dtype("auto", neox, compile=True) == "float32"  # no compiled decoder
     assert specs.resolved_dtype("auto", gpt2, compile=False) == "float32"
     assert specs.resolved_dtype("bfloat16", gpt2, compile=True) == "bfloat16"
-    monkeypatch.setattr(specs, "cpu_flags", lambda: "avx avx2 f16c fma")  # no int4 template
+    monkeypatch.setattr(specs, "cpu_flags", lambda: "avx avx2 f16c fma")  # textgen's kernels
+    assert specs.resolved_dtype("auto", gpt2, compile=True) == "int4"
+    monkeypatch.setattr(specs, "cpu_flags", lambda: "avx avx2")  # neither they nor the template
     assert specs.resolved_dtype("auto", gpt2, compile=True) == "int8"
     monkeypatch.setattr(specs, "compiler_available", lambda: False)
     assert specs.resolved_dtype("auto", gpt2, compile=True) == "float32"
