@@ -1,5 +1,5 @@
 // textgen's matmuls of block-quantized weights for x86-64 CPUs with AVX2 (textgen/models/
-// kernels.py builds and loads them; with AVX-512 VL and VNNI where the CPU has them, for the
+// blockwise.py builds and loads them; with AVX-512 VL and VNNI where the CPU has them, for the
 // same results). Two weight formats, in blocks of 32 input columns with float16 scales:
 // - Q4 (Q4_1): 4-bit codes u with a scale d and a minimum m, w = d * u + m;
 // - Q8: 8-bit codes u = round(w / d) + 128 (1..255) with a scale d, w = d * u - 128 d (as Q4
