@@ -8,6 +8,10 @@ machine that can run them checks both."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 from tests.test_compiled import PROMPTS, assert_close_to_eager, step_by_step
 from tests.test_engine import concurrently, post, text
 from tests.tiny_models import save_tiny_llama
@@ -197,3 +201,46 @@ def test_served_through_http_alone_and_three_at_once(
     alone = [text(post(app, body)) for body in bodies]
     assert alone == [step_by_step(loaded, prompt, 12) for prompt in PROMPTS]
     assert [text(response) for response in concurrently(app, bodies)] == alone
+
+
+# Run in a fresh process (the kernels load once per process): a model served in int8 and
+# int4 by a process whose compiler cannot build the kernels.
+UNBUILDABLE = """
+import json, sys
+from textgen import create_app
+from textgen.models import quantize
+models = [{"name": d, "source": sys.argv[1], "dtype": d} for d in ("int8", "int4")]
+app = create_app({"MODELS": models, "MODEL_CACHE": sys.argv[2], "LOAD_MODE": "sync",
+                  "COMPILE": False, "TORCH_THREADS": 1})
+registry = app.extensions["textgen.registry"]
+out = {}
+for name in ("int8", "int4"):
+    body = {"model": name, "prompt": "Hello", "max_new_tokens": 4, "ignore_eos": True}
+    answer = app.test_client().post("/generate", json=body)
+    kinds = {type(m).__name__ for m in registry.engine(name).runner.loaded.model.modules()}
+    out[name] = [answer.status_code, sorted(k for k in kinds if k.endswith("Linear"))]
+print(json.dumps(out))
+"""
+
+
+def test_a_compiler_that_cannot_build_the_kernels_leaves_pytorchs(tmp_path: Path) -> None:
+    """The kernels are C++ built at first use; where the compiler fails on them, int8 and int4
+    still serve, in PyTorch's kernels, instead of the model being unavailable."""
+    compiler = tmp_path / "c++"
+    compiler.write_text(
+        '#!/bin/sh\ncase "$*" in *blocks.cpp*) echo "no AVX2 here" >&2; exit 1;; esac\n'
+        'exec c++ "$@"\n'
+    )
+    compiler.chmod(0o755)
+    source = save_tiny_llama(tmp_path / "tiny", blocks=True)
+    env = {**os.environ, "CXX": str(compiler)}
+    done = subprocess.run(
+        [sys.executable, "-c", UNBUILDABLE, str(source), str(tmp_path / "cache")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "textgen's kernels could not be built" in done.stderr
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert served["int8"] == [200, ["Int8Linear"]]
+    assert served["int4"] == [200, ["Int4Linear", "Int8Linear"]]
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))

@@ -43,11 +43,21 @@ def blocks_runnable(flags: set[str]) -> bool:
     return x86 and BLOCKS_NEEDS <= flags and compiler_available()
 
 
+_unbuildable = False  # this process could not build them (see blocks_unbuildable)
+
+
+def blocks_unbuildable() -> None:
+    """This process could not build textgen's kernels (blockwise.load): from now on int4 and
+    int8 weights take PyTorch's kernels, and the cache keys say so."""
+    global _unbuildable
+    _unbuildable = True
+
+
 def blocks_preferred() -> bool:
     """Whether int4 and int8 weights take textgen's kernels (quantize.BlockLinear) rather than
     PyTorch's (Int4Linear, Int8Linear): wherever they run. At one row they read the weights
     1.3-2.3x as fast as PyTorch's kernels and Inductor's templates (the int8 template read the
     output layer at 15 GB/s), at 16 rows int8 1.5-1.75x as fast, int4 0.8-0.95x Inductor's
     AVX-512 int4 template (bench/RESULTS.md); their activations keep 16-bit precision, where
-    PyTorch's round them to bfloat16."""
-    return blocks_runnable(set(cpu_flags().split()))
+    PyTorch's round them to bfloat16. Not once they failed to build here."""
+    return not _unbuildable and blocks_runnable(set(cpu_flags().split()))

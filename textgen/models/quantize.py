@@ -241,11 +241,13 @@ def apply_dtype(model: torch.nn.Module, dtype: str, model_dir: Path, cache: Mode
     if cpu.blocks_preferred():
         try:
             blockwise.load(cache.root)
-        except RuntimeError as exc:
-            raise ModelUnavailable(
-                f"{dtype} weights here need textgen's kernels, which could not be built ({exc}); "
-                "choose float16 or float32 (#dtype in TEXTGEN_MODELS)"
-            ) from exc
+        except RuntimeError as exc:  # a compiler that cannot build them: slower, not down
+            log.warning(
+                "textgen's kernels could not be built, so %s weights take PyTorch's kernels "
+                "(slower; see bench/RESULTS.md): %s",
+                dtype, exc,
+            )  # fmt: skip
+            cpu.blocks_unbuildable()
     target = cache.quantized_path(model_dir, dtype)
     if not target.is_file():
         started = time.monotonic()
