@@ -41,10 +41,17 @@ BLOCK = 32
 # Bytes of 4 output rows x 32 input columns (kernels/blocks.cpp, kBlockBytes), by the codes'
 # bits: the last dimension of a packed tensor, which so names its format.
 BLOCK_BYTES = {4: 80, 8: 136}
+BITS = {size: bits for bits, size in BLOCK_BYTES.items()}
 OPS = {4: "q4_mm", 8: "q8_mm"}
 
 _lock = threading.Lock()
 _loaded: Path | None = None
+
+
+def bits_of(packed: torch.Tensor) -> int:
+    """The codes' bits (4 or 8) of weights in the kernels' layout, from their last dimension
+    (KeyError for any other)."""
+    return BITS[packed.shape[-1]]
 
 
 def load(cache_root: Path) -> Path:
@@ -194,8 +201,8 @@ def pack(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
     """The float32 weights [rows, columns] that ``packed`` stands for."""
-    quads, blocks, block_bytes = packed.shape
-    bits = {size: bits for bits, size in BLOCK_BYTES.items()}[block_bytes]
+    quads, blocks, _ = packed.shape
+    bits = bits_of(packed)
     per_scale = 2 if bits == 4 else 1  # float16 values a row and block
     width = 16 if bits == 4 else 32  # code bytes a row and block
     flat, offset, parts = packed.reshape(quads, -1), 0, []
@@ -223,6 +230,5 @@ def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
 def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` [.., columns] times the weights ``packed`` of ``rows`` output rows, transposed:
     [.., rows] float32 (the format is the packed tensor's: its last dimension)."""
-    bits = {size: bits for bits, size in BLOCK_BYTES.items()}[packed.shape[-1]]
-    op = getattr(torch.ops.textgen, OPS[bits])
+    op = getattr(torch.ops.textgen, OPS[bits_of(packed)])
     return op(x.reshape(-1, x.shape[-1]).float(), packed, rows).reshape(*x.shape[:-1], rows)

@@ -134,7 +134,7 @@ class BlockLinear(WeightOnlyLinear):
 
     @property
     def bits(self) -> int:
-        return 4 if self.blocks.shape[-1] == blockwise.BLOCK_BYTES[4] else 8
+        return blockwise.bits_of(self.blocks)
 
     @staticmethod
     def fits(linear: torch.nn.Linear, alone: bool = False) -> bool:

@@ -173,7 +173,6 @@ constexpr int kTile = 4;  // 32 vector registers
 constexpr int kTile = 2;
 #endif
 
-
 // The weight formats: where a group's scales, minimums and codes are, and a pair of blocks'
 // integer dot products with both activation digits (lane j: columns 4j .. 4j + 3 of the pair's
 // interleaved halves; lanes 0-3 the first block, 4-7 the second).
