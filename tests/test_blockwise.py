@@ -56,7 +56,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return ((first + second / 256) * scale).reshape(rows, columns) @ weight.double().t()
 
 
-SHAPES = [(4, 64), (8, 576), (64, 640), (2304, 768), (12, 1536), (10, 128)]
+SHAPES = [(4, 64), (8, 576), (64, 640), (2304, 768), (12, 1536), (10, 128), (16, 96)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -64,8 +64,9 @@ SHAPES = [(4, 64), (8, 576), (64, 640), (2304, 768), (12, 1536), (10, 128)]
 def test_kernel_computes_the_rounded_product(bits: int, rows: int, columns: int) -> None:
     """Against the same rounding done in float64: the kernel's only other error is float32
     summation (relative 5e-7 measured); against the unrounded activations, the rounding to two
-    int8 digits (relative 1.3e-5 to 2.4e-5 measured; one digit alone gave 5.3e-3). 10 rows:
-    packed with 2 rows of zeros, which the answer leaves out."""
+    int8 digits (relative 1.3e-5 to 2.4e-5 measured; one digit alone gave 5.3e-3). 4, 10 and 12
+    rows: packed with rows of zeros, which the answer leaves out; 96 columns: an odd number of
+    blocks."""
     torch.manual_seed(rows + columns + bits)
     weight = torch.randn(rows, columns) * 0.02
     packed = blockwise.pack(weight, bits)
@@ -98,6 +99,43 @@ def test_a_rows_result_does_not_depend_on_the_batch(bits: int) -> None:
         assert torch.equal(alone, nine[row])
 
 
+PLAIN_AVX2 = """
+import sys
+from pathlib import Path
+from unittest import mock
+import torch
+from textgen.models import blockwise
+with mock.patch.object(blockwise, "machine_options", lambda: []):
+    blockwise.load(Path(sys.argv[1]))
+x, packed, rows = torch.load(sys.argv[2])
+torch.save(blockwise.matmul(x, packed, rows), sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_avx2_build_gives_the_same_bits(bits: int, tmp_path: Path) -> None:
+    """The kernels built without AVX-512 (vpmaddubsw's 16-bit sums where VNNI has vpdpbusd, 3
+    or 2 activation rows a tile where it has 8) give the same bits as this process's build: the
+    integer dot products are exact and the float operations the same. Run on a CPU with
+    AVX-512 VNNI this compares two different builds; without, the AVX2 build with itself."""
+    torch.manual_seed(bits)
+    weight = torch.randn(44, 1536) * 0.05  # 5 groups of 8 rows, the last partly padding
+    weight[:, :32] *= 40  # a block of large codes: Q8's 8-bit codes reach 255
+    packed = blockwise.pack(weight, bits)
+    x = torch.randn(11, 1536) * 2
+    torch.save((x, packed, 44), tmp_path / "inputs.pt")
+    subprocess.run(
+        [sys.executable, "-c", PLAIN_AVX2, str(tmp_path / "cache"), str(tmp_path / "inputs.pt"),
+         str(tmp_path / "out.pt")],
+        check=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    plain = torch.load(tmp_path / "out.pt")
+    assert torch.equal(plain, blockwise.matmul(x, packed, 44))
+    plain_build = next((tmp_path / "cache" / "kernels").glob("textgen_blocks-*.so"))
+    this_build = blockwise.load(tmp_path)  # the process's, loaded by the module's fixture
+    assert (plain_build.name != this_build.name) == bool(blockwise.machine_options())
+
+
 def test_q4_layout_holds_the_int4_rounding() -> None:
     """The Q4 layout keeps int4_groups' codes; scales and minimums rounded to float16."""
     torch.manual_seed(1)
@@ -122,7 +160,7 @@ def test_q8_layout_holds_q8_0s_rounding() -> None:
     weight[5, 32:64] = 0
     weight[5, 64:96] = 1e-9
     packed = blockwise.pack(weight, 8)
-    assert packed.shape == (2, 4, blockwise.BLOCK_BYTES[8])  # 6 rows padded to 8
+    assert packed.shape == (1, 4, blockwise.BLOCK_BYTES[8])  # 6 rows padded to 8
     unpacked = blockwise.unpack(packed, 6)
     expected = weight.clone()
     expected[5, 64:96] = 0
@@ -139,9 +177,10 @@ def test_shapes_that_do_not_match_are_refused() -> None:
             blockwise.matmul(torch.randn(2, 128), packed[0], 8)
         with pytest.raises(RuntimeError, match="12 output rows do not match"):
             blockwise.matmul(torch.randn(2, 128), packed, 12)
-    assert not BlockLinear.fits(torch.nn.Linear(96, 10))  # joined rows not a multiple of 4
-    assert BlockLinear.fits(torch.nn.Linear(128, 10), alone=True)
-    assert not BlockLinear.fits(torch.nn.Linear(96, 8))  # columns not whole pairs of blocks
+    assert not BlockLinear.fits(torch.nn.Linear(96, 12))  # joined rows not a multiple of 8
+    assert BlockLinear.fits(torch.nn.Linear(96, 12), alone=True)
+    assert BlockLinear.fits(torch.nn.Linear(96, 16))
+    assert not BlockLinear.fits(torch.nn.Linear(80, 8))  # columns not whole blocks
 
 
 FORMATS = [("int4", True), ("int4", False), ("int8", True)]

@@ -61,18 +61,18 @@ def test_each_dtype_generates_like_generate(model_dirs, tmp_path, dtype: str) ->
     if dtype == "float16":
         assert float16.Float16Linear in kinds and float16.Float16Part in kinds
         assert loaded.model.dtype == torch.float32  # activations stay float32
-    # textgen's kernels on x86-64 with AVX2 for the layers whose shapes they take (this tiny
-    # model's: 64 columns), else PyTorch's.
+    # textgen's kernels on x86-64 with AVX2 for the layers whose shapes they take (whole blocks
+    # of 32 columns: all of this tiny model's), else PyTorch's.
     textgens = cpu.blocks_preferred()
     if dtype in ("int8", "int4"):
         for layer in loaded.model.modules():
             if isinstance(layer, quantize.BlockLinear):
-                assert textgens and layer.in_features % 64 == 0
+                assert textgens and layer.in_features % 32 == 0
                 # int4's output layer stays int8, as GGUF files keep it at 8 bits.
                 is_output = layer is loaded.model.get_output_embeddings()
                 assert layer.bits == (4 if dtype == "int4" and not is_output else 8)
             elif isinstance(layer, quantize.WeightOnlyLinear):
-                assert not textgens or layer.in_features % 64
+                assert not textgens or layer.in_features % 32
     if dtype == "int4":
         assert quantize.Int4Linear in kinds or quantize.BlockLinear in kinds
     if dtype == "bfloat16":

@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "blocks.cpp"
 BLOCK = 32
-# Bytes of 4 output rows x 32 input columns (kernels/blocks.cpp, kBlockBytes), by the codes'
+GROUP = 8  # output rows packed together (kernels/blocks.cpp, kRows)
+# Bytes of 8 output rows x 32 input columns (kernels/blocks.cpp, kBlockBytes), by the codes'
 # bits: the last dimension of a packed tensor, which so names its format.
-BLOCK_BYTES = {4: 80, 8: 136}
+BLOCK_BYTES = {4: 160, 8: 272}
 BITS = {size: bits for bits, size in BLOCK_BYTES.items()}
 OPS = {4: "q4_mm", 8: "q8_mm"}
 
@@ -165,66 +166,60 @@ def q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """``weight`` [rows, columns] (columns a multiple of 64) in the kernel's layout of ``bits``
-    (4 or 8): [ceil(rows / 4), blocks of 32 columns, BLOCK_BYTES[bits]] uint8 (rows padded with
-    zeros to a multiple of 4), by groups of 8 blocks (a last group may hold fewer): for each 4
-    rows and group the rows' float16 scales (and minimums) [4][2 or 1][blocks], then the
-    group's pairs of blocks' codes, each [4 rows][32 or 64 bytes] (kernels/blocks.cpp)."""
+    """``weight`` [rows, columns] (columns a multiple of 32) in the kernel's layout of ``bits``
+    (4 or 8): [ceil(rows / 8), blocks of 32 columns, BLOCK_BYTES[bits]] uint8 (rows padded with
+    zeros to a multiple of 8). Per 8 rows and block: their float16 scales (and minimums)
+    [1 or 2][8], then the codes as vectors of 8 rows x 4 bytes (kernels/blocks.cpp): for Q4
+    vector k's byte i of a row holds columns 8k + i (low nibble) and 8k + 4 + i, for Q8 vector
+    k's byte i column 4k + i."""
     weight = weight.detach().float()
     rows, columns = weight.shape
-    weight = torch.cat([weight, weight.new_zeros(-rows % 4, columns)])
-    quads, blocks = weight.shape[0] // 4, columns // BLOCK
+    weight = torch.cat([weight, weight.new_zeros(-rows % GROUP, columns)])
+    groups, blocks = weight.shape[0] // GROUP, columns // BLOCK
     if bits == 4:
         codes, scale, low = int4_groups(weight)
-        nibbles = codes.to(torch.uint8)
-        code_bytes = nibbles[..., :16] | (nibbles[..., 16:] << 4)  # [rows, blocks, 16]
-        scales = torch.stack([scale, low], dim=1)  # [rows, 2, blocks]
+        nibbles = codes.to(torch.uint8).reshape(-1, blocks, 4, 2, 4)  # [.., k, high, i]
+        code_bytes = nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)  # [rows, blocks, 4, 4]
+        scales = torch.stack([scale, low], dim=-1)  # [rows, blocks, 2]
     else:
         codes, scale = q8_blocks(weight)
-        code_bytes = codes.to(torch.uint8)  # [rows, blocks, 32]
-        scales = scale[:, None]
-    width = code_bytes.shape[-1]  # a block's bytes for one row
-    parts = []
-    for start in range(0, blocks, 8):
-        size = min(8, blocks - start)
-        group = slice(start, start + size)
-        parts.append(scales[..., group].to(torch.float16).reshape(quads, -1).view(torch.uint8))
-        # Each pair of blocks, per row: the halves of the first and second block interleaved
-        # as the codes unpack (for Q4 the pair's bytes as they are).
-        pair = code_bytes[:, group].reshape(quads, 4, size // 2, 2, 2, width // 2)
-        if bits == 8:
-            pair = pair.transpose(3, 4)  # [.., half, block, 16]
-        parts.append(pair.permute(0, 2, 1, 3, 4, 5).reshape(quads, size * 4 * width))
-    packed = torch.cat(parts, dim=1)
-    return packed.reshape(quads, blocks, BLOCK_BYTES[bits]).contiguous()
+        code_bytes = codes.to(torch.uint8).reshape(-1, blocks, 8, 4)
+        scales = scale[..., None]
+    kinds, vectors = scales.shape[-1], code_bytes.shape[2]
+    scale_bytes = (
+        scales.to(torch.float16)
+        .reshape(groups, GROUP, blocks, kinds)
+        .permute(0, 2, 3, 1)  # [groups, blocks, kind, row]
+        .contiguous()
+        .view(torch.uint8)
+        .reshape(groups, blocks, kinds * 2 * GROUP)
+    )
+    vector_bytes = (
+        code_bytes.reshape(groups, GROUP, blocks, vectors, 4)
+        .permute(0, 2, 3, 1, 4)  # [groups, blocks, vector, row, byte]
+        .reshape(groups, blocks, vectors * 4 * GROUP)
+    )
+    return torch.cat([scale_bytes, vector_bytes], dim=-1).contiguous()
 
 
 def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
     """The float32 weights [rows, columns] that ``packed`` stands for."""
-    quads, blocks, _ = packed.shape
+    groups, blocks, _ = packed.shape
     bits = bits_of(packed)
-    per_scale = 2 if bits == 4 else 1  # float16 values a row and block
-    width = 16 if bits == 4 else 32  # code bytes a row and block
-    flat, offset, parts = packed.reshape(quads, -1), 0, []
-    for start in range(0, blocks, 8):
-        size = min(8, blocks - start)
-        scale_bytes = 4 * per_scale * size * 2
-        scales = flat[:, offset : offset + scale_bytes].contiguous().view(torch.float16)
-        scales = scales.reshape(quads * 4, per_scale, size, 1).float()
-        offset += scale_bytes
-        pair = flat[:, offset : offset + 4 * width * size].reshape(
-            quads, size // 2, 4, 2, 2, width // 2
-        )
-        offset += 4 * width * size
-        pair = pair.permute(0, 2, 1, 3, 4, 5)  # [quads, 4, pairs, 2, 2, width / 2]
-        if bits == 8:
-            codes = pair.transpose(3, 4).reshape(quads * 4, size, 32).float()
-            parts.append(((codes - 128) * scales[:, 0]).reshape(quads * 4, 32 * size))
-        else:
-            code_bytes = pair.reshape(quads * 4, size, 16)
-            codes = torch.cat([code_bytes & 0x0F, code_bytes >> 4], dim=-1).float()
-            parts.append((codes * scales[:, 0] + scales[:, 1]).reshape(quads * 4, 32 * size))
-    return torch.cat(parts, dim=1)[:rows]
+    kinds = 2 if bits == 4 else 1  # float16 values a row and block: scale (and minimum)
+    scales = packed[..., : kinds * 2 * GROUP].contiguous().view(torch.float16)
+    # [groups, blocks, kind, row] -> [rows, blocks, kind, 1]
+    scales = scales.reshape(groups, blocks, kinds, GROUP).permute(0, 3, 1, 2).float()
+    scales = scales.reshape(groups * GROUP, blocks, kinds, 1)
+    vectors = packed[..., kinds * 2 * GROUP :].reshape(groups, blocks, -1, GROUP, 4)
+    if bits == 4:  # [.., vector, high, row, byte]: columns 8 vector + 4 high + byte
+        vectors = torch.stack([vectors & 0x0F, vectors >> 4], dim=3)
+        codes = vectors.permute(0, 4, 1, 2, 3, 5).reshape(groups * GROUP, blocks, BLOCK).float()
+        weights = codes * scales[:, :, 0] + scales[:, :, 1]
+    else:
+        codes = vectors.permute(0, 3, 1, 2, 4).reshape(groups * GROUP, blocks, BLOCK).float()
+        weights = (codes - 128) * scales[:, :, 0]
+    return weights.reshape(groups * GROUP, blocks * BLOCK)[:rows]
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:

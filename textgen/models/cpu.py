@@ -15,7 +15,7 @@ AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
 BLOCKS_NEEDS = {"avx2", "fma", "f16c"}
 # Their weight layouts and C functions: part of the quantized cache file's key, and so of the
 # compiled decoders' that call the functions. Bump when either changes.
-BLOCKS_FORMAT = "blocks.1"
+BLOCKS_FORMAT = "blocks.2"
 
 
 def compiler_available() -> bool:

@@ -138,10 +138,10 @@ class BlockLinear(WeightOnlyLinear):
 
     @staticmethod
     def fits(linear: torch.nn.Linear, alone: bool = False) -> bool:
-        """The kernels take input columns by pairs of blocks, and output rows by 4: a layer
-        joined with others into one matmul must have whole groups of 4 (``alone``: any)."""
+        """The kernels take input columns by blocks, and output rows by groups of 8: a layer
+        joined with others into one matmul must have whole groups (``alone``: any rows)."""
         rows, columns = linear.weight.shape
-        return columns % (2 * INT4_GROUP) == 0 and (alone or rows % 4 == 0)
+        return columns % INT4_GROUP == 0 and (alone or rows % blockwise.GROUP == 0)
 
     @staticmethod
     def quantized(linear: torch.nn.Linear, bits: int) -> dict[str, torch.Tensor]:

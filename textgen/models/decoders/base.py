@@ -35,7 +35,7 @@ class Program(torch.nn.Module):
         super().__init__()
         self.layer_count, self.heads, self.kv_heads = layers, heads, kv_heads
         self.head_dim, self.width = head_dim, width
-        self.rows: dict[str, int] = {}  # output rows of each matmul (textgen's are packed by 4)
+        self.rows: dict[str, int] = {}  # output rows of each matmul (textgen's are packed by 8)
 
     @staticmethod
     def projections(model: Any) -> list[Any]:
@@ -44,7 +44,7 @@ class Program(torch.nn.Module):
 
     def fuse(self, name: str, *linears: Int8Linear | Int4Linear | BlockLinear) -> None:
         """One matmul for layers that read the same input (exact: each output row keeps its
-        own weights and scales; int4 parts are whole blocks of 64 rows, textgen's of 4)."""
+        own weights and scales; int4 parts are whole blocks of 64 rows, textgen's of 8)."""
         if len({type(linear) for linear in linears}) > 1:
             raise ValueError(f"{name}: joined layers must share a format, not {linears}")
         parts = [stored(linear) for linear in linears]
@@ -54,8 +54,10 @@ class Program(torch.nn.Module):
             scale = torch.cat([s for _, s in parts if s is not None], dim=1 if int4 else 0)
             self.register_buffer(f"{name}_s", scale.contiguous())
         rows = [linear.out_features for linear in linears]
-        if isinstance(linears[0], BlockLinear) and any(count % 4 for count in rows[:-1]):
-            raise ValueError(f"{name}: joined layers must have output rows by 4, not {rows}")
+        if isinstance(linears[0], BlockLinear) and any(
+            count % blockwise.GROUP for count in rows[:-1]
+        ):
+            raise ValueError(f"{name}: joined layers must have output rows by 8, not {rows}")
         self.rows[name] = sum(rows)
         biases = [linear.bias for linear in linears]
         if any(bias is not None for bias in biases):

@@ -7,14 +7,16 @@
 // Activations are rounded in the same blocks of 32 to two int8 digits, x = s * (q + f / 256)
 // with s = max |x| / 127 (the error at most s / 512, about what 16-bit integers give: one int8
 // digit alone flipped near ties of real models' answers), so that a block's 32 products are a
-// few integer instructions per digit (vpmaddubsw, or vpdpbusd), combined exactly as
+// few integer instructions per digit (vpdpbusd, or vpmaddubsw), combined exactly as
 // 256 * dot(u, q) + dot(u, f):
-//   out[i, n] = sum over blocks b of d[n,b] * dx[i,b] * (256 dot(u, q) + dot(u, f))
+//   out[i, n] = sum over blocks b, in order, of d[n,b] * dx[i,b] * (256 dot(u, q) + dot(u, f))
 //               + m[n,b] * dx[i,b] * (256 sum(q) + sum(f)),  with dx = s / 256.
-// Batch-invariant by construction: a row's result is computed by the same instructions in the
-// same order whatever the number of rows (the integer dot products are exact, the float sums
-// run over the blocks in order), so it does not depend on the rows that share the call.
-
+// Weights are held by groups of 8 output rows, one row per 32-bit lane of a vector: 4 codes of
+// a row against 4 activation digits broadcast to every lane is one instruction for 8 rows
+// (llama.cpp's kernels put columns in the lanes instead, and pay a float multiply-add and a
+// horizontal sum per block and row). Each row's float sum is one lane's, over the blocks in
+// order, so it is batch-invariant by construction: a row's result is computed by the same
+// instructions in the same order whatever the number of rows of the call.
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <ATen/core/Tensor.h>
@@ -29,56 +31,44 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
 constexpr int64_t kBlock = 32;
+constexpr int64_t kRows = 8;  // output rows of a group: one per 32-bit lane
 
-// Weights are stored by 4 output rows and groups of 8 blocks (256 columns): the 4 rows' float16
-// scales (and Q4's minimums), [4 rows][2][8] for Q4 and [4 rows][8] for Q8, then the codes of the
-// 4 pairs of blocks, each [4 rows][bytes of a pair]: for Q4 32 bytes (byte j of a block: column
-// j in the low nibble, j + 16 in the high), for Q8 64 (columns 0-15 of the first block, 0-15
-// of the second, 16-31 of the first, 16-31 of the second: as Q4's nibbles unpack). One
-// sequential stream for the 4 rows; a last group of b < 8 blocks holds b blocks' scales and
-// b / 2 pairs.
+// A group's weights, block after block, each: the 8 rows' float16 scales (Q4: then their
+// minimums), then the codes as vectors of 8 lanes, lane r holding 4 codes of row r: for Q4 4
+// vectors, vector k's byte i in lane r the codes of columns 8k + i (low nibble) and 8k + 4 + i
+// (high); for Q8 8 vectors, vector k's byte i in lane r the code of column 4k + i.
 
-// A vector of 8 float16 scales or minimums of a group of ``blocks`` blocks: lanes from
-// ``blocks`` on hold the next bytes of the stream (the group's codes follow its scales), which
-// the scales' lanes never reach and the minimums' mask clears (their activations are zeros).
-inline __m256 lanes_below(int64_t blocks) {
-  return _mm256_castsi256_ps(
-      _mm256_cmpgt_epi32(_mm256_set1_epi32((int)blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
-inline __m256 halves(const uint16_t* p) {  // 8 float16 values as float32
+inline __m256 halves(const uint8_t* p) {  // 8 float16 values as float32
   return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
-inline float sum_lanes(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+inline __m256i spread(const int8_t* x) {  // 4 activation digits to every lane
+  int32_t four;
+  std::memcpy(&four, x, 4);
+  return _mm256_set1_epi32(four);
 }
 
-// Activations rounded to two int8 digits, in the order the kernel reads them: for each pair of
-// blocks (b, b + 1), columns 0-15 of b, 0-15 of b + 1, 16-31 of b, 16-31 of b + 1, which is how
-// a 32-byte load of the pair's weight codes splits into low and high nibbles. Scales and
-// scale x sum of digits are padded with zeros to whole groups of 8 blocks.
+// Activations rounded to two int8 digits, [M, K] each in their natural order, with per row and
+// block the unit of the second digit and that unit x the block's sum of both digits.
 struct Rounded {
   at::Tensor q;     // int8 [M, K]: the first digit
   at::Tensor f;     // int8 [M, K]: the second, in 256ths of the first's unit
-  at::Tensor d;     // float [M, padded blocks]: the unit of the second digit
-  at::Tensor dsum;  // float [M, padded blocks]
+  at::Tensor d;     // float [M, K / 32]: the unit of the second digit
+  at::Tensor dsum;  // float [M, K / 32]
 };
 
 // 32 int32 lanes (4 vectors) narrowed to int8 with saturation, in order (packs interleave
-// 128-bit lanes: the permute puts them back), stored as a block's two halves at out, out + 32.
+// 128-bit lanes: the permute puts them back).
 inline void store_digits(const __m256i n[4], int8_t* out) {
   __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
                                      _mm256_packs_epi32(n[2], n[3]));
   bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm_storeu_si128((__m128i*)out, _mm256_castsi256_si128(bytes));
-  _mm_storeu_si128((__m128i*)(out + 32), _mm256_extracti128_si256(bytes, 1));
+  _mm256_storeu_si256((__m256i*)out, bytes);
 }
 
 inline int32_t sum_ints(const __m256i n[4]) {
@@ -89,14 +79,12 @@ inline int32_t sum_ints(const __m256i n[4]) {
   return _mm_cvtsi128_si32(s4);
 }
 
-int64_t padded_blocks(int64_t blocks) { return (blocks + 7) / 8 * 8; }
-
 Rounded round_rows(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1), B = K / kBlock, P = padded_blocks(B);
+  const int64_t M = x.size(0), K = x.size(1), B = K / kBlock;
   Rounded r{at::empty({M, K}, x.options().dtype(at::kChar)),
             at::empty({M, K}, x.options().dtype(at::kChar)),
-            at::zeros({M, P}, x.options().dtype(at::kFloat)),
-            at::zeros({M, P}, x.options().dtype(at::kFloat))};
+            at::empty({M, B}, x.options().dtype(at::kFloat)),
+            at::empty({M, B}, x.options().dtype(at::kFloat))};
   const float* xp = x.data_ptr<float>();
   int8_t* qp = r.q.data_ptr<int8_t>();
   int8_t* fp = r.f.data_ptr<int8_t>();
@@ -105,8 +93,7 @@ Rounded round_rows(const at::Tensor& x) {
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * B >= 1024)
   for (int64_t i = 0; i < M * B; i++) {
-    const int64_t m = i / B, b = i % B;
-    const float* block = xp + m * K + b * kBlock;
+    const float* block = xp + i * kBlock;
     __m256 v[4];
     __m256 amax = _mm256_setzero_ps();
     const __m256 sign = _mm256_set1_ps(-0.f);
@@ -128,190 +115,190 @@ Rounded round_rows(const at::Tensor& x) {
       f[j] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(rest, _mm256_set1_ps(256.f))),
                               _mm256_set1_epi32(127));
     }
-    // Within the pair's 64 bytes: this block's first half at 16 * (b % 2), its second at 32 +.
-    const int64_t at = m * K + (b / 2) * 64 + (b % 2) * 16;
-    store_digits(n, qp + at);
-    store_digits(f, fp + at);
+    store_digits(n, qp + i * kBlock);
+    store_digits(f, fp + i * kBlock);
     const float unit = d / 256.f;
-    dp[m * P + b] = unit;
-    sp[m * P + b] = unit * (float)(256 * sum_ints(n) + sum_ints(f));
+    dp[i] = unit;
+    sp[i] = unit * (float)(256 * sum_ints(n) + sum_ints(f));
   }
   return r;
 }
 
-// An activation row's two digits over a pair of blocks (64 bytes each), loaded once for the 4
-// output rows of a tile (loading them per output row cost 15-20% at 16 rows).
-struct Digits {
-  __m256i qa, qb, fa, fb;
-};
-
-inline Digits load_digits(const int8_t* q, const int8_t* f) {
-  return {_mm256_loadu_si256((const __m256i*)q), _mm256_loadu_si256((const __m256i*)(q + 32)),
-          _mm256_loadu_si256((const __m256i*)f), _mm256_loadu_si256((const __m256i*)(f + 32))};
-}
-
-// The integer dot products of a pair of blocks, 256 x the first digits' plus the second's:
-// lane j sums columns 4j .. 4j + 3 of the pair's interleaved halves (exact either way, at most
-// 256 x 8 x 255 x 128 < 2^31: with VNNI one instruction per half and digit, else vpmaddubsw's
-// 16-bit pair sums, which cannot saturate with codes up to 15, then vpmaddwd).
-inline __m256i pair_dot(__m256i lo, __m256i hi, const Digits& x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  const __m256i first = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x.qa), hi, x.qb);
-  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(first, 8), lo, x.fa), hi, x.fb);
+constexpr bool kVnni = true;
 #else
-  const __m256i first = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x.qa), _mm256_maddubs_epi16(hi, x.qb));
-  const __m256i second = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x.fa), _mm256_maddubs_epi16(hi, x.fb));
-  return _mm256_add_epi32(_mm256_madd_epi16(first, _mm256_set1_epi16(256)),
-                          _mm256_madd_epi16(second, _mm256_set1_epi16(1)));
+constexpr bool kVnni = false;
 #endif
+
+// A block's exact integer dot products 256 dot(u, q) + dot(u, f) of the group's 8 rows (lanes)
+// with T activation rows (q, f: the block's first digits of row 0, rows K bytes apart), added
+// into dq (first digits) and df: vector k of the codes (4 a lane) against digits 4k .. 4k + 3.
+// With VNNI one vpdpbusd per vector, row and digit (the sums stay below 2^31: 32 x 255 x 128
+// x 257). Without, vpmaddubsw's 16-bit pair sums of codes below 16, added in 16 bits over the
+// block (at most 16 products of 15 x 128 a lane: 30,720), then vpmaddwd: the same integers.
+template <int T>
+inline void block_dots(const __m256i (&codes)[8], const int8_t* q, const int8_t* f, int64_t K,
+                       __m256i (&dq)[T], __m256i (&df)[T]) {
+  #pragma GCC unroll 8
+  for (int t = 0; t < T; t++) dq[t] = df[t] = _mm256_setzero_si256();
+  #pragma GCC unroll 8
+  for (int k = 0; k < 8; k++) {
+    #pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+      const __m256i xq = spread(q + t * K + 4 * k);
+      const __m256i xf = spread(f + t * K + 4 * k);
+      if constexpr (kVnni) {
+        dq[t] = _mm256_dpbusd_epi32(dq[t], codes[k], xq);
+        df[t] = _mm256_dpbusd_epi32(df[t], codes[k], xf);
+      } else {
+        dq[t] = _mm256_add_epi16(dq[t], _mm256_maddubs_epi16(codes[k], xq));
+        df[t] = _mm256_add_epi16(df[t], _mm256_maddubs_epi16(codes[k], xf));
+      }
+    }
+  }
 }
 
-// Rows per tile: each unpacking of 4 output rows' codes serves this many activation rows.
-#if defined(__AVX512VL__)
-constexpr int kTile = 4;  // 32 vector registers
-#else
-constexpr int kTile = 2;
-#endif
+// 256 dq + df as int32 lanes, times 2^shift, into out (or added to it).
+template <int T>
+inline void combine(__m256i (&dq)[T], __m256i (&df)[T], int shift, __m256i (&out)[T], bool add) {
+  #pragma GCC unroll 8
+  for (int t = 0; t < T; t++) {
+    __m256i dot;
+    if constexpr (kVnni) {
+      dot = _mm256_add_epi32(_mm256_slli_epi32(dq[t], 8), df[t]);
+    } else {
+      dot = _mm256_add_epi32(_mm256_madd_epi16(dq[t], _mm256_set1_epi16(256)),
+                             _mm256_madd_epi16(df[t], _mm256_set1_epi16(1)));
+    }
+    if (shift) dot = _mm256_slli_epi32(dot, shift);
+    out[t] = add ? _mm256_add_epi32(out[t], dot) : dot;
+  }
+}
 
-// The weight formats: where a group's scales, minimums and codes are, and a pair of blocks'
-// integer dot products with both activation digits (lane j: columns 4j .. 4j + 3 of the pair's
-// interleaved halves; lanes 0-3 the first block, 4-7 the second).
 struct Q4 {
-  static constexpr int64_t kScaleBytes = 4 * 2 * 2;  // a block's, for the 4 rows
-  static constexpr int64_t kPairBytes = 4 * 32;
-  static constexpr int64_t kBlockBytes = kScaleBytes + kPairBytes / 2;  // 80: 0.625 a weight
-  struct Codes {
-    __m256i lo, hi;
-  };
-  static const uint16_t* scales(const uint16_t* dm, int64_t blocks, int r) {
-    return dm + 2 * blocks * r;
-  }
-  static __m256 minimums(const uint16_t* dm, int64_t blocks, int r) {
-    return _mm256_and_ps(halves(dm + 2 * blocks * r + blocks), lanes_below(blocks));
-  }
-  static Codes unpack(const uint8_t* pair, int r) {
+  static constexpr int64_t kBlockBytes = 2 * 2 * kRows + 4 * 32;  // 160: 0.625 bytes a weight
+  // Activation rows per unpacking of a block: 4 measured best with VNNI (8: 0.87-1.0x at 128
+  // rows); without, as many as 16 vector registers hold.
+  static constexpr int kTile = kVnni ? 4 : 3;
+  static __m256 minimums(const uint8_t* block) { return halves(block + 2 * kRows); }
+  template <int T>
+  static void dots(const uint8_t* block, const int8_t* q, const int8_t* f, int64_t K,
+                   __m256i (&out)[T]) {
+    const uint8_t* codes = block + 4 * kRows;
     const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i c = _mm256_loadu_si256((const __m256i*)(pair + 32 * r));
-    return {_mm256_and_si256(c, low), _mm256_and_si256(_mm256_srli_epi16(c, 4), low)};
-  }
-  static __m256i dot(const Codes& c, const Digits& x) {
-    return pair_dot(c.lo, c.hi, x);
+    __m256i unpacked[8];
+    #pragma GCC unroll 8
+    for (int k = 0; k < 4; k++) {
+      const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
+      unpacked[2 * k] = _mm256_and_si256(c, low);
+      unpacked[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+    }
+    __m256i dq[T], df[T];
+    block_dots<T>(unpacked, q, f, K, dq, df);
+    combine<T>(dq, df, 0, out, false);
   }
 };
 
 struct Q8 {
-  static constexpr int64_t kScaleBytes = 4 * 2;
-  static constexpr int64_t kPairBytes = 4 * 64;
-  static constexpr int64_t kBlockBytes = kScaleBytes + kPairBytes / 2;  // 136: 1.0625 a weight
-  static const uint16_t* scales(const uint16_t* d, int64_t blocks, int r) { return d + blocks * r; }
-  static __m256 minimums(const uint16_t* d, int64_t blocks, int r) {
-    return _mm256_and_ps(_mm256_mul_ps(halves(d + blocks * r), _mm256_set1_ps(-128.f)),
-                         lanes_below(blocks));
+  static constexpr int64_t kBlockBytes = 2 * kRows + 8 * 32;  // 272: 1.0625 bytes a weight
+  static constexpr int kTile = kVnni ? 4 : 2;
+  static __m256 minimums(const uint8_t* block) {
+    return _mm256_mul_ps(halves(block), _mm256_set1_ps(-128.f));
   }
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  struct Codes {
-    __m256i lo, hi;
-  };
-  static Codes unpack(const uint8_t* pair, int r) {
-    const uint8_t* row = pair + 64 * r;
-    return {_mm256_loadu_si256((const __m256i*)row), _mm256_loadu_si256((const __m256i*)(row + 32))};
+  template <int T>
+  static void dots(const uint8_t* block, const int8_t* q, const int8_t* f, int64_t K,
+                   __m256i (&out)[T]) {
+    const uint8_t* codes = block + 2 * kRows;
+    __m256i vectors[8];
+    #pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) vectors[k] = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
+    __m256i dq[T], df[T];
+    if constexpr (kVnni) {  // vpdpbusd takes codes up to 255 whole
+      block_dots<T>(vectors, q, f, K, dq, df);
+      combine<T>(dq, df, 0, out, false);
+    } else {
+      // vpmaddubsw's pair sums would saturate with codes over 127: the codes split into
+      // nibbles, dot(u, .) = 16 dot(u >> 4, .) + dot(u & 15, .), the same integers as VNNI's.
+      const __m256i low = _mm256_set1_epi8(0x0F);
+      __m256i nibbles[8];
+      #pragma GCC unroll 8
+      for (int high = 1; high >= 0; high--) {
+        #pragma GCC unroll 8
+        for (int k = 0; k < 8; k++)
+          nibbles[k] = _mm256_and_si256(high ? _mm256_srli_epi16(vectors[k], 4) : vectors[k], low);
+        block_dots<T>(nibbles, q, f, K, dq, df);
+        combine<T>(dq, df, high ? 4 : 0, out, !high);
+      }
+    }
   }
-  static __m256i dot(const Codes& c, const Digits& x) {
-    return pair_dot(c.lo, c.hi, x);  // vpdpbusd takes codes up to 255 whole
-  }
-#else
-  // vpmaddubsw's 16-bit pair sums would saturate with codes over 128: the codes are split into
-  // nibbles, dot(u, .) = 16 dot(u >> 4, .) + dot(u & 15, .), the same integers as with VNNI.
-  struct Codes {
-    __m256i lo_low, hi_low, lo_high, hi_high;
-  };
-  static Codes unpack(const uint8_t* pair, int r) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const uint8_t* row = pair + 64 * r;
-    const __m256i lo = _mm256_loadu_si256((const __m256i*)row);
-    const __m256i hi = _mm256_loadu_si256((const __m256i*)(row + 32));
-    return {_mm256_and_si256(lo, low), _mm256_and_si256(hi, low),
-            _mm256_and_si256(_mm256_srli_epi16(lo, 4), low),
-            _mm256_and_si256(_mm256_srli_epi16(hi, 4), low)};
-  }
-  static __m256i dot(const Codes& c, const Digits& x) {
-    return _mm256_add_epi32(_mm256_slli_epi32(pair_dot(c.lo_high, c.hi_high, x), 4),
-                            pair_dot(c.lo_low, c.hi_low, x));
-  }
-#endif
 };
 
-// Output rows 4n .. 4n + 3 (those below N) of activation rows m .. m + T - 1. Per (row, output
-// row): per pair of blocks one integer dot product of 64 columns in two 8-lane halves, scaled
-// and added into one vector; the minimums' term over groups of 8 blocks into another; lanes
-// summed last. A row gets the same operations in the same order whatever T and the number of
-// rows of the call.
+// Output rows 8n .. 8n + 7 (those below N) of activation rows m .. m + T - 1: per block, the
+// integer dot products scaled into one float vector a row (lane r: output row 8n + r), then
+// the minimums' term; stored last.
 template <class F, int T>
 inline void tile(int64_t m, int64_t n, int64_t K, int64_t N, const int8_t* q, const int8_t* f,
                  const float* dx, const float* sx, const uint8_t* packed, float* out) {
-  const int64_t B = K / kBlock, P = padded_blocks(B), G = P / 8;
-  const uint8_t* weights = packed + n * B * F::kBlockBytes;
-  __m256 acc[T][4];
-  for (int t = 0; t < T; t++)
-    for (int r = 0; r < 4; r++) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; g++) {
-    const uint8_t* group = weights + g * 8 * F::kBlockBytes;
-    const int64_t blocks = std::min<int64_t>(8, B - 8 * g);
-    const uint16_t* dm = reinterpret_cast<const uint16_t*>(group);
-    __m256 scale[T][4];
-    for (int r = 0; r < 4; r++) {
-      const __m256 d = halves(F::scales(dm, blocks, r));
-      for (int t = 0; t < T; t++)
-        scale[t][r] = _mm256_mul_ps(d, _mm256_loadu_ps(dx + (m + t) * P + 8 * g));
-    }
-    const int64_t pairs = blocks / 2;
-    for (int64_t i = 0; i < pairs; i++) {
-      const int lane = 2 * (int)i;
-      const __m256i spread = _mm256_setr_epi32(lane, lane, lane, lane, lane + 1, lane + 1,
-                                               lane + 1, lane + 1);
-      const int64_t at = m * K + (4 * g + i) * 64;
-      const uint8_t* pair = group + F::kScaleBytes * blocks + i * F::kPairBytes;
-      Digits x[T];
-      for (int t = 0; t < T; t++) x[t] = load_digits(q + at + t * K, f + at + t * K);
-      for (int r = 0; r < 4; r++) {
-        const typename F::Codes codes = F::unpack(pair, r);
-        for (int t = 0; t < T; t++) {
-          const __m256i dot = F::dot(codes, x[t]);
-          acc[t][r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scale[t][r], spread),
-                                      _mm256_cvtepi32_ps(dot), acc[t][r]);
-        }
-      }
+  const int64_t B = K / kBlock;
+  const uint8_t* block = packed + n * B * F::kBlockBytes;
+  __m256 acc[T];
+  #pragma GCC unroll 8
+  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; b++, block += F::kBlockBytes) {
+    __m256i dot[T];
+    F::template dots<T>(block, q + m * K + b * kBlock, f + m * K + b * kBlock, K, dot);
+    const __m256 d = halves(block), minimum = F::minimums(block);
+    #pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+      const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(m + t) * B + b]));
+      acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot[t]), acc[t]);
+      acc[t] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sx[(m + t) * B + b]), acc[t]);
     }
   }
+  const int64_t valid = std::min<int64_t>(kRows, N - kRows * n);
+  #pragma GCC unroll 8
   for (int t = 0; t < T; t++) {
-    for (int r = 0; r < 4 && 4 * n + r < N; r++) {
-      __m256 by_min = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; g++) {
-        const int64_t blocks = std::min<int64_t>(8, B - 8 * g);
-        const uint16_t* dm = reinterpret_cast<const uint16_t*>(weights + g * 8 * F::kBlockBytes);
-        const __m256 sxv = _mm256_loadu_ps(sx + (m + t) * P + 8 * g);
-        by_min = _mm256_fmadd_ps(F::minimums(dm, blocks, r), sxv, by_min);
-      }
-      out[(m + t) * N + 4 * n + r] = sum_lanes(acc[t][r]) + sum_lanes(by_min);
+    float* row = out + (m + t) * N + kRows * n;
+    if (valid == kRows) {
+      _mm256_storeu_ps(row, acc[t]);
+    } else {
+      alignas(32) float lanes[kRows];
+      _mm256_store_ps(lanes, acc[t]);
+      std::copy(lanes, lanes + valid, row);
     }
   }
 }
 
-// x [M, K] times the packed weights of N output rows ([ceil(N / 4), K / 32, kBlockBytes]),
+// Activation rows m .. M - 1: tiles of F::kTile rows, then one tile of the rest (fewer rows).
+template <class F, int T = F::kTile>
+inline void tiles(int64_t m, int64_t M, int64_t n, int64_t K, int64_t N, const int8_t* q,
+                  const int8_t* f, const float* dx, const float* sx, const uint8_t* packed,
+                  float* out) {
+  if constexpr (T == F::kTile)
+    for (; m + T <= M; m += T) tile<F, T>(m, n, K, N, q, f, dx, sx, packed, out);
+  if constexpr (T > 0) {
+    if (M - m == T)
+      tile<F, T>(m, n, K, N, q, f, dx, sx, packed, out);
+    else
+      tiles<F, T - 1>(m, M, n, K, N, q, f, dx, sx, packed, out);
+  }
+}
+
+// x [M, K] times the packed weights of N output rows ([ceil(N / 8), K / 32, kBlockBytes]),
 // transposed: [M, N] float32.
 template <class F>
 at::Tensor matmul(const char* name, const at::Tensor& x_in, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 3 && packed.scalar_type() == at::kByte,
-              name, ": x [rows, columns] and packed weights [output rows / 4, blocks, ",
+              name, ": x [rows, columns] and packed weights [output rows / 8, blocks, ",
               F::kBlockBytes, "] uint8");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1), B = K / kBlock;
-  TORCH_CHECK(K % (2 * kBlock) == 0 && packed.size(1) == B && packed.size(2) == F::kBlockBytes &&
+  TORCH_CHECK(K % kBlock == 0 && packed.size(1) == B && packed.size(2) == F::kBlockBytes &&
                   packed.is_contiguous(),
               name, ": packed weights of ", packed.size(1), " blocks do not match activations of ",
               K, " columns");
-  TORCH_CHECK(N >= 0 && (N + 3) / 4 == packed.size(0), name, ": ", N,
-              " output rows do not match packed weights of ", packed.size(0), " groups of 4");
+  TORCH_CHECK(N >= 0 && (N + kRows - 1) / kRows == packed.size(0), name, ": ", N,
+              " output rows do not match packed weights of ", packed.size(0), " groups of 8");
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const Rounded r = round_rows(x);
@@ -326,9 +313,7 @@ at::Tensor matmul(const char* name, const at::Tensor& x_in, const at::Tensor& pa
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < packed.size(0); n++) {
-    int64_t m = 0;
-    for (; m + kTile <= M; m += kTile) tile<F, kTile>(m, n, K, N, qp, fp, dxp, sxp, wp, op);
-    for (; m < M; m++) tile<F, 1>(m, n, K, N, qp, fp, dxp, sxp, wp, op);
+    tiles<F>(0, M, n, K, N, qp, fp, dxp, sxp, wp, op);
   }
   return out;
 }
