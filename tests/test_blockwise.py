@@ -220,6 +220,7 @@ def test_the_compiled_decoder_calls_the_kernels(tiny: tuple[LoadedModel, Path]) 
     # Direct calls of the kernels the layers hold.
     assert (b"aoti_torch_cpu_q4_mm" in code) == (textgens and bits == 4)
     assert (b"aoti_torch_cpu_q8_mm" in code) == textgens
+    assert (b"aoti_torch_cpu_attend" in code) == textgens  # kernels/attention.cpp
     assert_close_to_eager(loaded.model, loaded.program)
 
 

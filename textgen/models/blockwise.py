@@ -36,7 +36,9 @@ from textgen.models.cpu import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "blocks.cpp"
+# The library's sources: the matmuls, and the batch-invariant attention compiled decoders call
+# (kernels/attention.cpp).
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("blocks.cpp", "attention.cpp")]
 BLOCK = 32
 GROUP = 8  # output rows packed together (kernels/blocks.cpp, kRows)
 # Bytes of 8 output rows x 32 input columns (kernels/blocks.cpp, kBlockBytes), by the codes'
@@ -67,7 +69,11 @@ def load(cache_root: Path) -> Path:
         if _loaded is not None:
             return _loaded
         options = machine_options()
-        parts = [SOURCE.read_bytes(), metadata.version("torch").encode(), sys.version.encode()]
+        parts = [
+            *(source.read_bytes() for source in SOURCES),
+            metadata.version("torch").encode(),
+            sys.version.encode(),
+        ]
         key = hashlib.sha256(b"\0".join([*parts, " ".join(options).encode()])).hexdigest()[:16]
         library = cache_root / "kernels" / f"textgen_blocks-{key}.so"
         if not library.is_file():
@@ -93,7 +99,7 @@ def machine_options() -> list[str]:
 
 
 def build(library: Path, options: list[str]) -> None:
-    """Compile kernels/blocks.cpp into ``library`` (written whole, then renamed)."""
+    """Compile the kernels' sources into ``library`` (written whole, then renamed)."""
     from torch.utils import cpp_extension
 
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +111,7 @@ def build(library: Path, options: list[str]) -> None:
         "-fPIC", "-shared", "-std=c++20",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *[f"-I{path}" for path in cpp_extension.include_paths()],
-        os.fspath(SOURCE),
+        *map(os.fspath, SOURCES),
         *[f"-L{path}" for path in cpp_extension.library_paths()],
         "-lc10", "-ltorch_cpu",
         "-o", os.fspath(staging),
@@ -114,17 +120,24 @@ def build(library: Path, options: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         staging.unlink(missing_ok=True)
-        raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-4000:]}")
+        names = ", ".join(source.name for source in SOURCES)
+        raise RuntimeError(f"building {names} failed:\n{result.stderr[-4000:]}")
     os.replace(staging, library)
 
 
 def register_fake() -> None:
-    """The ops' output shapes for export (fake tensors: [rows, output rows] float32)."""
+    """The ops' output shapes for export (fake tensors, float32): the matmuls' [rows, output
+    rows], attention's [rows, tokens, heads x dim]."""
     for op in OPS.values():
 
         @torch.library.register_fake(f"textgen::{op}")
         def _(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
             return x.new_empty((x.shape[0], rows), dtype=torch.float32)
+
+    @torch.library.register_fake("textgen::attend")
+    def _(query: torch.Tensor, keys: Any, values: Any, mask: Any, scale: float) -> torch.Tensor:
+        rows, heads, tokens, dim = query.shape
+        return query.new_empty((rows, tokens, heads * dim), dtype=torch.float32)
 
 
 def inductor_settings() -> dict[str, Any]:
@@ -137,6 +150,10 @@ def inductor_settings() -> dict[str, Any]:
         ]
         for op in OPS.values()
     }
+    shims[torch.ops.textgen.attend.default] = [
+        "AOTITorchError aoti_torch_cpu_attend(AtenTensorHandle query, AtenTensorHandle keys, "
+        "AtenTensorHandle values, AtenTensorHandle mask, double scale, AtenTensorHandle* ret)"
+    ]
     return {"aot_inductor.custom_ops_to_c_shims": shims}
 
 
@@ -227,3 +244,13 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
     [.., rows] float32 (the format is the packed tensor's: its last dimension)."""
     op = getattr(torch.ops.textgen, OPS[bits_of(packed)])
     return op(x.reshape(-1, x.shape[-1]).float(), packed, rows).reshape(*x.shape[:-1], rows)
+
+
+def attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Batch-invariant attention (kernels/attention.cpp): ``query`` [rows, heads, tokens, dim]
+    over the first ``mask.shape[-1]`` columns of the cache's ``keys`` and ``values`` [rows, kv
+    heads, capacity, dim] where ``mask`` [rows, 1, tokens, columns] is true; [rows, tokens,
+    heads x dim] float32."""
+    return torch.ops.textgen.attend(query, keys, values, mask, scale)

@@ -29,6 +29,8 @@ class Program(torch.nn.Module):
     rotary_dim: int | None = None
     # Batch-invariant attention (``attend``); False: PyTorch's fused attention, faster and not.
     invariant = True
+    # Batch-invariant attention by textgen's kernel (kernels/attention.cpp), where it is built.
+    kernel_attention = False
     scale: float  # of the attention scores
 
     def __init__(self, layers: int, heads: int, kv_heads: int, head_dim: int, width: int) -> None:
@@ -117,7 +119,9 @@ class Program(torch.nn.Module):
         Batch-invariant: a row's result does not depend on the other rows, on how many tokens
         the step computes, or on how many padding columns precede the row's own (rows are
         right-aligned in the buffers), so a request gives the same text alone, in a batch, or
-        after a prefix-cache hit. PyTorch's fused attention is not: its sums over the columns
+        after a prefix-cache hit. Where textgen's kernels are built (``kernel_attention``) their
+        attention does this by construction (kernels/attention.cpp); else, as follows.
+        PyTorch's fused attention is not: its sums over the columns
         go in blocks and vector lanes that start at column 0, so they group a row's terms
         differently when padding shifts them. Here each sum runs column by column:
         ``p @ values`` (the matmul's inner loop is sequential over columns, so leading zero
@@ -142,6 +146,8 @@ class Program(torch.nn.Module):
                 enable_gqa=True,
             )
             return out.transpose(1, 2).reshape(rows, tokens, -1)
+        if self.kernel_attention:
+            return blockwise.attend(query, key_buffer, value_buffer, mask, scale)
         groups = self.heads // self.kv_heads
         # [rows, kv_heads, tokens x groups, head_dim]: a kv head's queries, token by token.
         grouped = query.transpose(1, 2).unflatten(2, (self.kv_heads, groups))

@@ -1,0 +1,86 @@
+"""textgen's batch-invariant attention kernel (kernels/attention.cpp, blockwise.attend), which
+compiled decoders call where textgen's kernels are built: its arithmetic and its invariance.
+Through HTTP it is tested with the compiled decoders (test_blockwise.py, test_compiled.py,
+test_reproducible.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from textgen.models import blockwise
+from textgen.models.cpu import blocks_runnable, cpu_flags
+
+pytestmark = pytest.mark.skipif(
+    not blocks_runnable(set(cpu_flags().split())),
+    reason="needs x86-64 with AVX2, FMA, F16C and c++",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return blockwise.load(tmp_path_factory.mktemp("kernel-cache"))
+
+
+def softmax_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention in float64 by its definition: [rows, tokens, heads x dim]."""
+    rows, heads, tokens, dim = query.shape
+    columns, group = mask.shape[-1], heads // keys.shape[1]
+    k = keys[:, :, :columns].repeat_interleave(group, 1).double()
+    v = values[:, :, :columns].repeat_interleave(group, 1).double()
+    scores = (query.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(rows, tokens, heads * dim)
+
+
+# (rows, heads, kv heads, tokens, dim, buffer capacity, columns): GPT-2's heads (one query head
+# a key/value head), the embedded model's (3), phi-2's dimension 80, a dimension the kernel has
+# no specialised loop for (24).
+ATTENTION = [(3, 12, 12, 1, 64, 40, 33), (2, 9, 3, 5, 64, 100, 70), (1, 4, 4, 7, 80, 20, 19),
+             (2, 4, 2, 3, 24, 16, 9)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rows", "heads", "kv", "tokens", "dim", "capacity", "columns"), ATTENTION)
+def test_attention_kernel_computes_softmax_attention(
+    rows: int, heads: int, kv: int, tokens: int, dim: int, capacity: int, columns: int
+) -> None:
+    """Over the first ``columns`` of larger buffers, with a random mask; a query row that sees
+    no column gets zeros."""
+    torch.manual_seed(rows * heads + dim)
+    query = torch.randn(rows, heads, tokens, dim)
+    keys, values = torch.randn(2, rows, kv, capacity, dim)
+    mask = torch.rand(rows, 1, tokens, columns) > 0.3
+    mask[:, :, :, -1] = True
+    mask[0, 0, 0] = False
+    got = blockwise.attend(query, keys, values, mask, 0.125)
+    assert got.shape == (rows, tokens, heads * dim)
+    assert torch.equal(got[0, 0], torch.zeros(heads * dim))
+    want = softmax_attention(query, keys, values, mask, 0.125)
+    want[0, 0] = 0  # softmax over no column: NaN by the definition, zeros by the kernel
+    assert float((got.double() - want).abs().max()) < 2e-6
+
+
+def test_attention_kernel_is_batch_invariant() -> None:
+    """A query row's result is the same bits alone, among other rows and tokens, and with
+    hidden (padding) columns before its own, as in a batch whose rows are right-aligned."""
+    torch.manual_seed(3)
+    heads, kv, dim, columns = 9, 3, 64, 50
+    query = torch.randn(4, heads, 6, dim)
+    keys, values = torch.randn(2, 4, kv, 64, dim)
+    mask = torch.ones(4, 1, 6, columns, dtype=torch.bool)
+    batch = blockwise.attend(query, keys, values, mask, 0.125)
+    alone = blockwise.attend(query[2:3, :, 4:5], keys[2:3], values[2:3], mask[2:3, :, 4:5], 0.125)
+    assert torch.equal(alone[0, 0], batch[2, 4])
+    # The same row behind 13 hidden columns of other content, in a buffer of another size.
+    shifted_keys, shifted_values = torch.randn(2, 1, kv, 80, dim)
+    shifted_keys[:, :, 13 : 13 + columns] = keys[2, :, :columns]
+    shifted_values[:, :, 13 : 13 + columns] = values[2, :, :columns]
+    shifted_mask = torch.ones(1, 1, 1, 13 + columns, dtype=torch.bool)
+    shifted_mask[..., :13] = False
+    shifted = blockwise.attend(
+        query[2:3, :, 4:5], shifted_keys, shifted_values, shifted_mask, 0.125
+    )
+    assert torch.equal(shifted[0, 0], batch[2, 4])
