@@ -5,23 +5,14 @@ test_reproducible.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+# The library built once for the module (an autouse fixture, imported to be used here too).
+from tests.test_blockwise import NEEDS_KERNELS, kernel  # noqa: F401
 from textgen.models import blockwise
-from textgen.models.cpu import blocks_runnable, cpu_flags
 
-pytestmark = pytest.mark.skipif(
-    not blocks_runnable(set(cpu_flags().split())),
-    reason="needs x86-64 with AVX2, FMA, F16C and c++",
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return blockwise.load(tmp_path_factory.mktemp("kernel-cache"))
+pytestmark = NEEDS_KERNELS
 
 
 def softmax_attention(

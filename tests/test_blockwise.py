@@ -31,10 +31,11 @@ from textgen.models.loading import LoadedModel, load_model
 from textgen.models.quantize import INT4_GROUP, BlockLinear, Int4Linear, Int8Linear
 from textgen.models.specs import make_spec
 
-pytestmark = pytest.mark.skipif(
+NEEDS_KERNELS = pytest.mark.skipif(
     not blocks_runnable(set(cpu_flags().split())),
     reason="needs x86-64 with AVX2, FMA, F16C and c++",
 )
+pytestmark = NEEDS_KERNELS
 
 
 @pytest.fixture(scope="module", autouse=True)
