@@ -13,7 +13,9 @@ AVX-512 (see the source).
 
 The library is C++ built once with the system's compiler into the model cache (a few seconds),
 then loaded into the process: as the ops ``torch.ops.textgen.q4_mm`` and ``q8_mm`` for eager
-PyTorch and export, and as the C functions compiled decoders call directly.
+PyTorch and export, and as the C functions compiled decoders call directly. It also holds the
+compiled decoders' batch-invariant attention (kernels/attention.cpp, ``attend``), which needs
+the same instructions and the same build.
 """
 
 from __future__ import annotations

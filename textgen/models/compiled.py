@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 import torch
 
-from textgen.models import blockwise
+from textgen.models import blockwise, cpu
 from textgen.models.aoti import CompiledPackage
 from textgen.models.architecture import compilable, family
 from textgen.models.cache import ModelCache
-from textgen.models.cpu import blocks_preferred, compiler_available
+from textgen.models.cpu import compiler_available
 from textgen.models.decoders.base import Program
 from textgen.models.decoders.gpt2 import GPT2Program
 from textgen.models.decoders.llama import LlamaProgram
@@ -124,7 +124,7 @@ def compile_program(model: Any, target: Path, deterministic: bool = True) -> dic
 
     program = program_class(model)(model).eval()
     program.invariant = deterministic
-    program.kernel_attention = deterministic and blocks_preferred()
+    program.kernel_attention = deterministic and cpu.blocks_preferred()
     rows, tokens = Dim("rows", min=1, max=4096), Dim("tokens", min=1, max=1 << 16)
     keep = Dim("keep", min=1, max=1 << 16)
     capacity, columns = Dim("capacity", min=2, max=1 << 20), Dim("columns", min=2, max=1 << 20)
