@@ -10,7 +10,8 @@ import torch
 
 # The library built once for the module (an autouse fixture, imported to be used here too).
 from tests.test_blockwise import NEEDS_KERNELS, kernel  # noqa: F401
-from textgen.models import blockwise
+from textgen.models import blockwise, cpu
+from textgen.models.compiled import kernel_attention
 
 pytestmark = NEEDS_KERNELS
 
@@ -75,3 +76,13 @@ def test_attention_kernel_is_batch_invariant() -> None:
         query[2:3, :, 4:5], shifted_keys, shifted_values, shifted_mask, 0.125
     )
     assert torch.equal(shifted[0, 0], batch[2, 4])
+
+
+def test_which_decoders_take_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch-invariant decoders whose heads the kernel takes, where textgen's kernels run."""
+    monkeypatch.setattr(cpu, "blocks_preferred", lambda: True)
+    assert kernel_attention(64, deterministic=True) and kernel_attention(80, deterministic=True)
+    assert not kernel_attention(64, deterministic=False)  # PyTorch's fused attention
+    assert not kernel_attention(12, deterministic=True) and not kernel_attention(512, True)
+    monkeypatch.setattr(cpu, "blocks_preferred", lambda: False)
+    assert not kernel_attention(64, deterministic=True)

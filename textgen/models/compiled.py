@@ -115,6 +115,14 @@ def example_inputs(program: Program, rows: int = 8, tokens: int = 2) -> tuple[An
     )
 
 
+def kernel_attention(head_dim: int, deterministic: bool) -> bool:
+    """Whether a compiled decoder's batch-invariant attention is textgen's kernel
+    (kernels/attention.cpp): where textgen's kernels run, for heads of 8 to 256 dimensions by 8
+    (every seed model's); else PyTorch's padded matmuls (decoders/base.py ``attend``)."""
+    fits = head_dim % 8 == 0 and head_dim <= 256
+    return deterministic and fits and cpu.blocks_preferred()
+
+
 def compile_program(model: Any, target: Path, deterministic: bool = True) -> dict[str, Any]:
     """Export and compile the model's Program into ``target`` (written whole, then renamed),
     its kernels chosen on robust timings, then checked against the eager Program
@@ -124,7 +132,7 @@ def compile_program(model: Any, target: Path, deterministic: bool = True) -> dic
 
     program = program_class(model)(model).eval()
     program.invariant = deterministic
-    program.kernel_attention = deterministic and cpu.blocks_preferred()
+    program.kernel_attention = kernel_attention(program.head_dim, deterministic)
     rows, tokens = Dim("rows", min=1, max=4096), Dim("tokens", min=1, max=1 << 16)
     keep = Dim("keep", min=1, max=1 << 16)
     capacity, columns = Dim("capacity", min=2, max=1 << 20), Dim("columns", min=2, max=1 << 20)
