@@ -57,7 +57,8 @@ def blocks_preferred() -> bool:
     """Whether int4 and int8 weights take textgen's kernels (quantize.BlockLinear) rather than
     PyTorch's (Int4Linear, Int8Linear): wherever they run. At one row they read the weights
     1.3-2.3x as fast as PyTorch's kernels and Inductor's templates (the int8 template read the
-    output layer at 15 GB/s), at 16 rows int8 1.5-1.75x as fast, int4 0.8-0.95x Inductor's
-    AVX-512 int4 template (bench/RESULTS.md); their activations keep 16-bit precision, where
-    PyTorch's round them to bfloat16. Not once they failed to build here."""
+    output layer at 15 GB/s); 16-row compiled steps are 1.5-1.9x as fast in int8 as with
+    Inductor's int8 template, and 1.2-1.6x in int4 as with its AVX-512 int4 template (Zen 4,
+    bench/RESULTS.md); their activations keep 16-bit precision, where PyTorch's round them to
+    bfloat16. Not once they failed to build here."""
     return not _unbuildable and blocks_runnable(set(cpu_flags().split()))

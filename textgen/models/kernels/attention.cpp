@@ -138,7 +138,8 @@ at::Tensor attend(const at::Tensor& query_in, const at::Tensor& keys, const at::
   const float* vp = values.data_ptr<float>();
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  const int64_t group = H / KVH, items = R * H * T, stride = keys.stride(2);
+  const int64_t group = H / KVH, items = R * H * T;
+  const int64_t row_stride = keys.stride(0), head_stride = keys.stride(1), stride = keys.stride(2);
   const int lanes = (int)(D / 8);
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) if (items > 1)
@@ -147,7 +148,7 @@ at::Tensor attend(const at::Tensor& query_in, const at::Tensor& keys, const at::
 #pragma omp for schedule(dynamic, 4)
     for (int64_t item = 0; item < items; item++) {
       const int64_t r = item / (H * T), h = item / T % H, t = item % T;
-      const int64_t head = r * keys.stride(0) + (h / group) * keys.stride(1);
+      const int64_t head = r * row_stride + (h / group) * head_stride;
       const float* q = qp + ((r * H + h) * T + t) * D;
       const bool* m = mp + (r * T + t) * C;
       float* o = op + (r * T + t) * H * D + h * D;

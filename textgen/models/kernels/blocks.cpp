@@ -47,6 +47,11 @@ inline __m256 halves(const uint8_t* p) {  // 8 float16 values as float32
   return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
+inline __m256i nibbles(__m256i bytes, bool high) {  // each byte's low or high 4 bits
+  const __m256i shifted = high ? _mm256_srli_epi16(bytes, 4) : bytes;
+  return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
+}
+
 inline __m256i spread(const int8_t* x) {  // 4 activation digits to every lane
   int32_t four;
   std::memcpy(&four, x, 4);
@@ -185,13 +190,12 @@ struct Q4 {
   static void dots(const uint8_t* block, const int8_t* q, const int8_t* f, int64_t K,
                    __m256i (&out)[T]) {
     const uint8_t* codes = block + 4 * kRows;
-    const __m256i low = _mm256_set1_epi8(0x0F);
     __m256i unpacked[8];
     #pragma GCC unroll 8
     for (int k = 0; k < 4; k++) {
       const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
-      unpacked[2 * k] = _mm256_and_si256(c, low);
-      unpacked[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+      unpacked[2 * k] = nibbles(c, false);
+      unpacked[2 * k + 1] = nibbles(c, true);
     }
     __m256i dq[T], df[T];
     block_dots<T>(unpacked, q, f, K, dq, df);
@@ -219,14 +223,12 @@ struct Q8 {
     } else {
       // vpmaddubsw's pair sums would saturate with codes over 127: the codes split into
       // nibbles, dot(u, .) = 16 dot(u >> 4, .) + dot(u & 15, .), the same integers as VNNI's.
-      const __m256i low = _mm256_set1_epi8(0x0F);
-      __m256i nibbles[8];
+      __m256i split[8];
       #pragma GCC unroll 8
       for (int high = 1; high >= 0; high--) {
         #pragma GCC unroll 8
-        for (int k = 0; k < 8; k++)
-          nibbles[k] = _mm256_and_si256(high ? _mm256_srli_epi16(vectors[k], 4) : vectors[k], low);
-        block_dots<T>(nibbles, q, f, K, dq, df);
+        for (int k = 0; k < 8; k++) split[k] = nibbles(vectors[k], high);
+        block_dots<T>(split, q, f, K, dq, df);
         combine<T>(dq, df, high ? 4 : 0, out, !high);
       }
     }
