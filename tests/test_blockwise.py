@@ -87,15 +87,17 @@ def test_kernel_computes_the_rounded_product(bits: int, rows: int, columns: int)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_rows_result_does_not_depend_on_the_batch(bits: int) -> None:
     """Bit-equal alone, in a batch of 9, and in a batch of 256 (a prefill chunk's size, where
-    the activations are rounded in parallel)."""
+    the activations are rounded in parallel). 104 output rows: 13 groups of 8, which whole
+    tiles of activation rows take two at a time with VNNI (the last alone), and one row takes
+    one at a time."""
     torch.manual_seed(0)
-    weight = torch.randn(96, 640) * 0.05
+    weight = torch.randn(104, 640) * 0.05
     packed = blockwise.pack(weight, bits)
     x = torch.randn(256, 640)
-    batch = blockwise.matmul(x, packed, 96)
-    nine = blockwise.matmul(x[:9], packed, 96)
+    batch = blockwise.matmul(x, packed, 104)
+    nine = blockwise.matmul(x[:9], packed, 104)
     for row in range(9):
-        alone = blockwise.matmul(x[row : row + 1], packed, 96)[0]
+        alone = blockwise.matmul(x[row : row + 1], packed, 104)[0]
         assert torch.equal(alone, batch[row])
         assert torch.equal(alone, nine[row])
 
@@ -116,7 +118,8 @@ torch.save(blockwise.matmul(x, packed, rows), sys.argv[3])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_avx2_build_gives_the_same_bits(bits: int, tmp_path: Path) -> None:
     """The kernels built without AVX-512 (vpmaddubsw's 16-bit sums where VNNI has vpdpbusd, 3
-    or 2 activation rows a tile where it has 8) give the same bits as this process's build: the
+    or 2 activation rows a tile where it has 4, one group of 8 output rows a tile where it has
+    two) give the same bits as this process's build: the
     integer dot products are exact and the float operations the same. Run on a CPU with
     AVX-512 VNNI this compares two different builds; without, the AVX2 build with itself."""
     torch.manual_seed(bits)

@@ -14,9 +14,10 @@
 // Weights are held by groups of 8 output rows, one row per 32-bit lane of a vector: 4 codes of
 // a row against 4 activation digits broadcast to every lane is one instruction for 8 rows
 // (llama.cpp's kernels put columns in the lanes instead, and pay a float multiply-add and a
-// horizontal sum per block and row). Each row's float sum is one lane's, over the blocks in
-// order, so it is batch-invariant by construction: a row's result is computed by the same
-// instructions in the same order whatever the number of rows of the call.
+// horizontal sum per block and row); with VNNI a broadcast serves two groups (16 rows). Each
+// row's float sum is one lane's, over the blocks in order, so it is batch-invariant by
+// construction: a row's result is computed by the same instructions in the same order whatever
+// the number of rows of the call.
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <ATen/core/Tensor.h>
@@ -135,154 +136,197 @@ constexpr bool kVnni = true;
 constexpr bool kVnni = false;
 #endif
 
-// A block's exact integer dot products 256 dot(u, q) + dot(u, f) of the group's 8 rows (lanes)
-// with T activation rows (q, f: the block's first digits of row 0, rows K bytes apart), added
-// into dq (first digits) and df: vector k of the codes (4 a lane) against digits 4k .. 4k + 3.
-// With VNNI one vpdpbusd per vector, row and digit (the sums stay below 2^31: 32 x 255 x 128
-// x 257). Without, vpmaddubsw's 16-bit pair sums of codes below 16, added in 16 bits over the
+// A block's exact integer dot products 256 dot(u, q) + dot(u, f) of G groups of 8 output rows
+// (lanes) with T activation rows (q, f: the block's first digits of row 0, rows K bytes apart),
+// into dq[g][t] (first digits) and df[g][t]: vector k of a group's codes (4 a lane, from
+// code(g, k)) against digits 4k .. 4k + 3. Each digit broadcast serves the G groups. With VNNI
+// one vpdpbusd per vector, group, row and digit (the sums stay below 2^31: 32 x 255 x 128 x
+// 257). Without, vpmaddubsw's 16-bit pair sums of codes below 16, added in 16 bits over the
 // block (at most 16 products of 15 x 128 a lane: 30,720), then vpmaddwd: the same integers.
-template <int T>
-inline void block_dots(const __m256i (&codes)[8], const int8_t* q, const int8_t* f, int64_t K,
-                       __m256i (&dq)[T], __m256i (&df)[T]) {
+template <int T, int G, class Code>
+inline void block_dots(Code code, const int8_t* q, const int8_t* f, int64_t K,
+                       __m256i (&dq)[G][T], __m256i (&df)[G][T]) {
   #pragma GCC unroll 8
-  for (int t = 0; t < T; t++) dq[t] = df[t] = _mm256_setzero_si256();
+  for (int g = 0; g < G; g++)
+    #pragma GCC unroll 8
+    for (int t = 0; t < T; t++) dq[g][t] = df[g][t] = _mm256_setzero_si256();
   #pragma GCC unroll 8
   for (int k = 0; k < 8; k++) {
+    __m256i codes[G];
+    #pragma GCC unroll 8
+    for (int g = 0; g < G; g++) codes[g] = code(g, k);
     #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
       const __m256i xq = spread(q + t * K + 4 * k);
       const __m256i xf = spread(f + t * K + 4 * k);
-      if constexpr (kVnni) {
-        dq[t] = _mm256_dpbusd_epi32(dq[t], codes[k], xq);
-        df[t] = _mm256_dpbusd_epi32(df[t], codes[k], xf);
-      } else {
-        dq[t] = _mm256_add_epi16(dq[t], _mm256_maddubs_epi16(codes[k], xq));
-        df[t] = _mm256_add_epi16(df[t], _mm256_maddubs_epi16(codes[k], xf));
+      #pragma GCC unroll 8
+      for (int g = 0; g < G; g++) {
+        if constexpr (kVnni) {
+          dq[g][t] = _mm256_dpbusd_epi32(dq[g][t], codes[g], xq);
+          df[g][t] = _mm256_dpbusd_epi32(df[g][t], codes[g], xf);
+        } else {
+          dq[g][t] = _mm256_add_epi16(dq[g][t], _mm256_maddubs_epi16(codes[g], xq));
+          df[g][t] = _mm256_add_epi16(df[g][t], _mm256_maddubs_epi16(codes[g], xf));
+        }
       }
     }
   }
 }
 
 // 256 dq + df as int32 lanes, times 2^shift, into out (or added to it).
-template <int T>
-inline void combine(__m256i (&dq)[T], __m256i (&df)[T], int shift, __m256i (&out)[T], bool add) {
+template <int T, int G>
+inline void combine(__m256i (&dq)[G][T], __m256i (&df)[G][T], int shift, __m256i (&out)[G][T],
+                    bool add) {
   #pragma GCC unroll 8
-  for (int t = 0; t < T; t++) {
-    __m256i dot;
-    if constexpr (kVnni) {
-      dot = _mm256_add_epi32(_mm256_slli_epi32(dq[t], 8), df[t]);
-    } else {
-      dot = _mm256_add_epi32(_mm256_madd_epi16(dq[t], _mm256_set1_epi16(256)),
-                             _mm256_madd_epi16(df[t], _mm256_set1_epi16(1)));
+  for (int g = 0; g < G; g++) {
+    #pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+      __m256i dot;
+      if constexpr (kVnni) {
+        dot = _mm256_add_epi32(_mm256_slli_epi32(dq[g][t], 8), df[g][t]);
+      } else {
+        dot = _mm256_add_epi32(_mm256_madd_epi16(dq[g][t], _mm256_set1_epi16(256)),
+                               _mm256_madd_epi16(df[g][t], _mm256_set1_epi16(1)));
+      }
+      if (shift) dot = _mm256_slli_epi32(dot, shift);
+      out[g][t] = add ? _mm256_add_epi32(out[g][t], dot) : dot;
     }
-    if (shift) dot = _mm256_slli_epi32(dot, shift);
-    out[t] = add ? _mm256_add_epi32(out[t], dot) : dot;
   }
 }
 
 struct Q4 {
   static constexpr int64_t kBlockBytes = 2 * 2 * kRows + 4 * 32;  // 160: 0.625 bytes a weight
   // Activation rows per unpacking of a block: 4 measured best with VNNI (8: 0.87-1.0x at 128
-  // rows); without, as many as 16 vector registers hold.
+  // rows); without, as many as 16 vector registers hold. Groups a digit broadcast serves: with
+  // VNNI 2 (16 rows: 1.05-1.24x at 16 activation rows against 1; 3 and 4 measured no better),
+  // without 1 (the registers).
   static constexpr int kTile = kVnni ? 4 : 3;
+  static constexpr int kGroups = kVnni ? 2 : 1;
   static __m256 minimums(const uint8_t* block) { return halves(block + 2 * kRows); }
-  template <int T>
-  static void dots(const uint8_t* block, const int8_t* q, const int8_t* f, int64_t K,
-                   __m256i (&out)[T]) {
-    const uint8_t* codes = block + 4 * kRows;
-    __m256i unpacked[8];
-    #pragma GCC unroll 8
-    for (int k = 0; k < 4; k++) {
-      const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
-      unpacked[2 * k] = nibbles(c, false);
-      unpacked[2 * k + 1] = nibbles(c, true);
-    }
-    __m256i dq[T], df[T];
-    block_dots<T>(unpacked, q, f, K, dq, df);
-    combine<T>(dq, df, 0, out, false);
+  template <int T, int G>
+  static void dots(const uint8_t* const (&blocks)[G], const int8_t* q, const int8_t* f,
+                   int64_t K, __m256i (&out)[G][T]) {
+    // Vector k of the 8 is stored vector k / 2's low (k even) or high nibbles.
+    auto code = [&](int g, int k) {
+      const __m256i c = _mm256_loadu_si256((const __m256i*)(blocks[g] + 4 * kRows + 32 * (k / 2)));
+      return nibbles(c, k % 2);
+    };
+    __m256i dq[G][T], df[G][T];
+    block_dots<T, G>(code, q, f, K, dq, df);
+    combine<T, G>(dq, df, 0, out, false);
   }
 };
 
 struct Q8 {
   static constexpr int64_t kBlockBytes = 2 * kRows + 8 * 32;  // 272: 1.0625 bytes a weight
   static constexpr int kTile = kVnni ? 4 : 2;
+  static constexpr int kGroups = kVnni ? 2 : 1;
   static __m256 minimums(const uint8_t* block) {
     return _mm256_mul_ps(halves(block), _mm256_set1_ps(-128.f));
   }
-  template <int T>
-  static void dots(const uint8_t* block, const int8_t* q, const int8_t* f, int64_t K,
-                   __m256i (&out)[T]) {
-    const uint8_t* codes = block + 2 * kRows;
-    __m256i vectors[8];
-    #pragma GCC unroll 8
-    for (int k = 0; k < 8; k++) vectors[k] = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
-    __m256i dq[T], df[T];
+  template <int T, int G>
+  static void dots(const uint8_t* const (&blocks)[G], const int8_t* q, const int8_t* f,
+                   int64_t K, __m256i (&out)[G][T]) {
+    auto vector = [&](int g, int k) {
+      return _mm256_loadu_si256((const __m256i*)(blocks[g] + 2 * kRows + 32 * k));
+    };
+    __m256i dq[G][T], df[G][T];
     if constexpr (kVnni) {  // vpdpbusd takes codes up to 255 whole
-      block_dots<T>(vectors, q, f, K, dq, df);
-      combine<T>(dq, df, 0, out, false);
+      block_dots<T, G>(vector, q, f, K, dq, df);
+      combine<T, G>(dq, df, 0, out, false);
     } else {
       // vpmaddubsw's pair sums would saturate with codes over 127: the codes split into
       // nibbles, dot(u, .) = 16 dot(u >> 4, .) + dot(u & 15, .), the same integers as VNNI's.
-      __m256i split[8];
-      #pragma GCC unroll 8
+      #pragma GCC unroll 2
       for (int high = 1; high >= 0; high--) {
-        #pragma GCC unroll 8
-        for (int k = 0; k < 8; k++) split[k] = nibbles(vectors[k], high);
-        block_dots<T>(split, q, f, K, dq, df);
-        combine<T>(dq, df, high ? 4 : 0, out, !high);
+        auto split = [&](int g, int k) { return nibbles(vector(g, k), high); };
+        block_dots<T, G>(split, q, f, K, dq, df);
+        combine<T, G>(dq, df, high ? 4 : 0, out, !high);
       }
     }
   }
 };
 
-// Output rows 8n .. 8n + 7 (those below N) of activation rows m .. m + T - 1: per block, the
-// integer dot products scaled into one float vector a row (lane r: output row 8n + r), then
-// the minimums' term; stored last.
-template <class F, int T>
+// Output rows 8n .. 8(n + G) - 1 (those below N) of activation rows m .. m + T - 1: per block,
+// the integer dot products scaled into one float vector a group and row (lane r: output row
+// 8(n + g) + r), then the minimums' term; stored last.
+template <class F, int T, int G>
 inline void tile(int64_t m, int64_t n, int64_t K, int64_t N, const int8_t* q, const int8_t* f,
                  const float* dx, const float* sx, const uint8_t* packed, float* out) {
   const int64_t B = K / kBlock;
-  const uint8_t* block = packed + n * B * F::kBlockBytes;
-  __m256 acc[T];
+  const uint8_t* blocks[G];
   #pragma GCC unroll 8
-  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < B; b++, block += F::kBlockBytes) {
-    __m256i dot[T];
-    F::template dots<T>(block, q + m * K + b * kBlock, f + m * K + b * kBlock, K, dot);
-    const __m256 d = halves(block), minimum = F::minimums(block);
+  for (int g = 0; g < G; g++) blocks[g] = packed + (n + g) * B * F::kBlockBytes;
+  __m256 acc[G][T];
+  #pragma GCC unroll 8
+  for (int g = 0; g < G; g++)
     #pragma GCC unroll 8
-    for (int t = 0; t < T; t++) {
-      const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(m + t) * B + b]));
-      acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot[t]), acc[t]);
-      acc[t] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sx[(m + t) * B + b]), acc[t]);
+    for (int t = 0; t < T; t++) acc[g][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; b++) {
+    __m256i dot[G][T];
+    F::template dots<T, G>(blocks, q + m * K + b * kBlock, f + m * K + b * kBlock, K, dot);
+    #pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+      const __m256 d = halves(blocks[g]), minimum = F::minimums(blocks[g]);
+      #pragma GCC unroll 8
+      for (int t = 0; t < T; t++) {
+        const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[(m + t) * B + b]));
+        acc[g][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot[g][t]), acc[g][t]);
+        acc[g][t] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sx[(m + t) * B + b]), acc[g][t]);
+      }
+      blocks[g] += F::kBlockBytes;
     }
   }
-  const int64_t valid = std::min<int64_t>(kRows, N - kRows * n);
   #pragma GCC unroll 8
-  for (int t = 0; t < T; t++) {
-    float* row = out + (m + t) * N + kRows * n;
-    if (valid == kRows) {
-      _mm256_storeu_ps(row, acc[t]);
-    } else {
-      alignas(32) float lanes[kRows];
-      _mm256_store_ps(lanes, acc[t]);
-      std::copy(lanes, lanes + valid, row);
+  for (int g = 0; g < G; g++) {
+    const int64_t valid = std::min<int64_t>(kRows, N - kRows * (n + g));
+    #pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+      float* row = out + (m + t) * N + kRows * (n + g);
+      if (valid == kRows) {
+        _mm256_storeu_ps(row, acc[g][t]);
+      } else {
+        alignas(32) float lanes[kRows];
+        _mm256_store_ps(lanes, acc[g][t]);
+        std::copy(lanes, lanes + valid, row);
+      }
     }
   }
 }
 
-// Activation rows m .. M - 1: tiles of F::kTile rows, then one tile of the rest (fewer rows).
-template <class F, int T = F::kTile>
+// Activation rows m .. M - 1 of groups n .. n + G - 1: tiles of F::kTile rows, then one tile
+// of the rest (fewer rows).
+template <class F, int G, int T = F::kTile>
 inline void tiles(int64_t m, int64_t M, int64_t n, int64_t K, int64_t N, const int8_t* q,
                   const int8_t* f, const float* dx, const float* sx, const uint8_t* packed,
                   float* out) {
   if constexpr (T == F::kTile)
-    for (; m + T <= M; m += T) tile<F, T>(m, n, K, N, q, f, dx, sx, packed, out);
+    for (; m + T <= M; m += T) tile<F, T, G>(m, n, K, N, q, f, dx, sx, packed, out);
   if constexpr (T > 0) {
     if (M - m == T)
-      tile<F, T>(m, n, K, N, q, f, dx, sx, packed, out);
+      tile<F, T, G>(m, n, K, N, q, f, dx, sx, packed, out);
     else
-      tiles<F, T - 1>(m, M, n, K, N, q, f, dx, sx, packed, out);
+      tiles<F, G, T - 1>(m, M, n, K, N, q, f, dx, sx, packed, out);
+  }
+}
+
+// Every output row of activation rows 0 .. M - 1, by units of G groups (the last group or
+// groups one by one) shared out among PyTorch's threads, as the rest of the step uses them.
+// OpenMP directly, not at::parallel_for: in its lambda the compiler kept the loop's state in
+// memory (2x slower).
+template <class F, int G>
+void rows_by_units(int64_t M, int64_t groups, int64_t K, int64_t N, const int8_t* q,
+                   const int8_t* f, const float* dx, const float* sx, const uint8_t* packed,
+                   float* out) {
+  const int64_t units = (groups + G - 1) / G;
+  const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t u = 0; u < units; u++) {
+    const int64_t n = u * G;
+    if (n + G <= groups)
+      tiles<F, G>(0, M, n, K, N, q, f, dx, sx, packed, out);
+    else
+      for (int64_t g = n; g < groups; g++) tiles<F, 1>(0, M, g, K, N, q, f, dx, sx, packed, out);
   }
 }
 
@@ -310,12 +354,13 @@ at::Tensor matmul(const char* name, const at::Tensor& x_in, const at::Tensor& pa
   const float* sxp = r.dsum.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  // OpenMP directly, not at::parallel_for: in its lambda the compiler kept the loop's state in
-  // memory (2x slower). PyTorch's thread count, as the rest of the step uses.
-  const int threads = at::get_num_threads();
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < packed.size(0); n++) {
-    tiles<F>(0, M, n, K, N, qp, fp, dxp, sxp, wp, op);
+  // Whole tiles of rows share each digit broadcast among F::kGroups groups; fewer rows read
+  // the weights as one stream (two streams made one row's Q8 output layer 2x slower).
+  const int64_t groups = packed.size(0);
+  if (M >= F::kTile) {
+    rows_by_units<F, F::kGroups>(M, groups, K, N, qp, fp, dxp, sxp, wp, op);
+  } else {
+    rows_by_units<F, 1>(M, groups, K, N, qp, fp, dxp, sxp, wp, op);
   }
   return out;
 }
