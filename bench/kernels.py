@@ -111,11 +111,12 @@ def matmuls(avx512: bool) -> list[dict[str, Any]]:
     return results
 
 
-def step_inputs(program: Any, rows: int, columns: int) -> list[Any]:
-    """One new token a row over a cache of ``columns`` positions."""
+def step_inputs(program: Any, rows: int, columns: int, dtype: torch.dtype) -> list[Any]:
+    """One new token a row over a cache of ``columns`` positions of ``dtype`` (the compiled
+    decoder's ``cache_dtype``)."""
     inputs = list(example_inputs(program, rows=rows, tokens=1))
     buffers = [
-        torch.zeros(rows, program.kv_heads, columns, program.head_dim)
+        torch.zeros(rows, program.kv_heads, columns, program.head_dim, dtype=dtype)
         for _ in range(program.layer_count)
     ]
     at = 2 if program.rotary_dim is None else 4  # the mask's index
@@ -146,11 +147,14 @@ def steps(models: list[str], columns: int, avx512: bool) -> list[dict[str, Any]]
         model = loaded["int8"].model
         program = program_class(model)(model)
         for rows in (1, 16):
-            inputs = step_inputs(program, rows, columns)
+            inputs = {
+                name: step_inputs(program, rows, columns, one.program.cache_dtype)
+                for name, one in loaded.items()
+            }
             with torch.inference_mode():
                 ms = best_of(
                     {
-                        name: lambda one=one, inputs=inputs: one.program(*inputs)
+                        name: lambda one=one, inputs=inputs[name]: one.program(*inputs)
                         for name, one in loaded.items()
                     },
                     calls=20 if rows == 1 else 4,

@@ -225,6 +225,10 @@ def test_the_compiled_decoder_calls_the_kernels(tiny: tuple[LoadedModel, Path]) 
     assert (b"aoti_torch_cpu_q4_mm" in code) == (textgens and bits == 4)
     assert (b"aoti_torch_cpu_q8_mm" in code) == textgens
     assert (b"aoti_torch_cpu_attend" in code) == textgens  # kernels/attention.cpp
+    # whose KV cache is float16 (the buffers the engine makes for it: test_compiled.py)
+    cache_dtype = torch.float16 if textgens else torch.float32
+    assert loaded.program.cache_dtype == compiled.build_program(loaded.model).cache_dtype
+    assert loaded.program.cache_dtype == cache_dtype
     assert_close_to_eager(loaded.model, loaded.program)
 
 

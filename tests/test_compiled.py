@@ -53,7 +53,7 @@ def test_compiled_qwen2_with_projection_biases(tmp_path: Path) -> None:
     assert compiled.supports(model, "int8")
     target = tmp_path / "qwen2.pt2"
     compiled.compile_program(model, target)
-    assert_close_to_eager(model, torch._inductor.aoti_load_package(str(target)))
+    assert_close_to_eager(model, compiled.open_package(model, target))
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +126,8 @@ def assert_close_to_eager(model: Any, program: Any) -> None:
             mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
             got = forward(chosen, mask.sum(-1, keepdim=True) - 1, mask, cache)
     assert cache.length == ids.shape[1]
+    # The buffers are of the type the program was compiled for.
+    assert {slot.key_buffer.dtype for slot in cache.slots} == {program.cache_dtype}
 
 
 @pytest.mark.slow
@@ -333,7 +335,7 @@ def test_other_threads_run_while_the_compiled_decoder_does(tiny_int8: LoadedMode
     held the GIL for seconds with torch's loader). With thread switches put off (a huge
     switch interval), this thread runs during the call only if the call releases the GIL."""
     model = tiny_int8.model
-    inputs = compiled.example_inputs(compiled.program_class(model)(model), rows=16, tokens=64)
+    inputs = compiled.example_inputs(compiled.build_program(model), rows=16, tokens=64)
     started, done = threading.Event(), threading.Event()
 
     def step() -> None:

@@ -25,6 +25,7 @@ class CompiledForward:
     def __init__(self, model: Any, program: Any) -> None:
         self.program = program
         self.layers, self.kv_heads, self.head_dim = cache_shape(model.config)
+        self.cache_dtype: torch.dtype = getattr(program, "cache_dtype", torch.float32)
         self.model = model
         self.learned_positions = family(model.config) == "gpt2"
         if not self.learned_positions:
@@ -82,7 +83,7 @@ class CompiledForward:
         # matmul takes other kernels for a last partial block, so a row's scores would depend
         # on how many columns the step has (its prompt whole or split, its batch's lengths).
         span = -(-columns // KEY_BLOCK) * KEY_BLOCK
-        cache.make_room(self.layers, rows, self.kv_heads, self.head_dim, span)
+        cache.make_room(self.layers, rows, self.kv_heads, self.head_dim, span, self.cache_dtype)
         visible = F.pad(mask.bool(), (0, span - columns))[:, None, None, :]
         new = torch.arange(past, columns)
         if tokens > 1:

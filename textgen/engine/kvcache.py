@@ -118,11 +118,20 @@ class BatchCache(Cache):
     def length(self) -> int:
         return self.slots[0].get_seq_length() if self.layers else 0
 
-    def make_room(self, layers: int, rows: int, heads: int, dim: int, columns: int) -> None:
-        """Contiguous buffers of at least ``columns`` columns in each of ``layers`` layers
-        (float32), for compiled code that writes them directly rather than through ``update``
-        (it is built for contiguous inputs; dropping leading columns leaves strided views)."""
-        like = torch.empty(rows, heads, 0, dim)
+    def make_room(
+        self,
+        layers: int,
+        rows: int,
+        heads: int,
+        dim: int,
+        columns: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Contiguous ``dtype`` buffers of at least ``columns`` columns in each of ``layers``
+        layers, for compiled code that writes them directly rather than through ``update`` (it
+        is built for contiguous inputs of one type; dropping leading columns leaves strided
+        views)."""
+        like = torch.empty(rows, heads, 0, dim, dtype=dtype)
         while len(self.layers) < layers:
             slot = SlotLayer()
             slot.lazy_initialization(like, like)
@@ -131,7 +140,7 @@ class BatchCache(Cache):
             buffer = slot.key_buffer
             if buffer is None or buffer.shape[-2] < columns:
                 slot.reserve(grown(buffer, columns), like, like)
-            elif not buffer.is_contiguous():
+            elif not buffer.is_contiguous() or buffer.dtype != dtype:
                 slot.reserve(buffer.shape[-2], like, like)
 
     def truncate(self, columns: int) -> None:

@@ -23,7 +23,8 @@ QUANTIZED = ("int8", "int4")
 # The computation of textgen/models/compiled.py's Program: bump when it changes, so packages
 # compiled from an older one are not loaded. 4: batch-invariant attention (decoders/base.py);
 # 5: its weights' matmul padded too (a decode step's 3 rows took another kernel on AVX-512).
-COMPILED_FORMAT = 5
+# 6: textgen's attention kernel over a float16 KV cache (Program.cache_dtype).
+COMPILED_FORMAT = 6
 # GPT-2's quantized weights: 2 since its Conv1D layers are quantized too (layers.linearize);
 # before, only its output layer was.
 CONV1D_FORMAT = 2

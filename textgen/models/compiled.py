@@ -26,7 +26,7 @@ import torch
 
 from textgen.models import blockwise, cpu
 from textgen.models.aoti import CompiledPackage
-from textgen.models.architecture import compilable, family
+from textgen.models.architecture import cache_shape, compilable, family
 from textgen.models.cache import ModelCache
 from textgen.models.cpu import compiler_available
 from textgen.models.decoders.base import Program
@@ -95,7 +95,7 @@ def example_inputs(program: Program, rows: int = 8, tokens: int = 2) -> tuple[An
     (46.8 against 43.0 ms at 40 columns) and one row the same."""
     capacity = tokens + 5
     buffers = [
-        torch.zeros(rows, program.kv_heads, capacity, program.head_dim)
+        torch.zeros(rows, program.kv_heads, capacity, program.head_dim, dtype=program.cache_dtype)
         for _ in range(program.layer_count)
     ]
     rotary: tuple[torch.Tensor, ...] = ()
@@ -123,16 +123,22 @@ def kernel_attention(head_dim: int, deterministic: bool) -> bool:
     return deterministic and fits and cpu.blocks_preferred()
 
 
-def compile_program(model: Any, target: Path, deterministic: bool = True) -> dict[str, Any]:
-    """Export and compile the model's Program into ``target`` (written whole, then renamed),
-    its kernels chosen on robust timings, then checked against the eager Program
-    (textgen/models/tuning.py); ``deterministic``: with batch-invariant attention
-    (decoders/base.py ``attend``). Returns the tuning record written beside it."""
-    from torch.export import Dim
-
+def build_program(model: Any, deterministic: bool = True) -> Program:
+    """The model's Program as it is compiled: ``deterministic``, with batch-invariant
+    attention (decoders/base.py ``attend``), textgen's kernel where it runs."""
     program = program_class(model)(model).eval()
     program.invariant = deterministic
     program.kernel_attention = kernel_attention(program.head_dim, deterministic)
+    return program
+
+
+def compile_program(model: Any, target: Path, deterministic: bool = True) -> dict[str, Any]:
+    """Export and compile the model's Program (``build_program``) into ``target`` (written
+    whole, then renamed), its kernels chosen on robust timings, then checked against the eager
+    Program (textgen/models/tuning.py). Returns the tuning record written beside it."""
+    from torch.export import Dim
+
+    program = build_program(model, deterministic)
     rows, tokens = Dim("rows", min=1, max=4096), Dim("tokens", min=1, max=1 << 16)
     keep = Dim("keep", min=1, max=1 << 16)
     capacity, columns = Dim("capacity", min=2, max=1 << 20), Dim("columns", min=2, max=1 << 20)
@@ -161,7 +167,8 @@ def compile_program(model: Any, target: Path, deterministic: bool = True) -> dic
         )
     # A one-row decode step, compiled and eager (the step whose speed the weights decide).
     inputs = example_inputs(program, rows=1, tokens=1)
-    package = CompiledPackage(staging)
+    package = open_package(model, staging, deterministic)
+    assert package.cache_dtype == program.cache_dtype
     result = tuning_check(lambda: package(*inputs), lambda: program(*inputs))
     os.replace(staging, target)
     record = write_record(target, tuning, result)
@@ -193,6 +200,16 @@ def load_program(
         else:
             warn_if_slow(target)
     try:
-        return CompiledPackage(target)
+        return open_package(model, target, deterministic)
     except Exception as exc:
         raise damaged(target, exc) from exc
+
+
+def open_package(model: Any, path: Path, deterministic: bool = True) -> CompiledPackage:
+    """The compiled program of ``model`` at ``path``, which knows the KV cache buffers' type it
+    was compiled for (Program.cache_dtype: not checked when it runs, so buffers of another type
+    would be read as that one)."""
+    package = CompiledPackage(path)
+    if kernel_attention(cache_shape(model.config)[2], deterministic):
+        package.cache_dtype = torch.float16
+    return package

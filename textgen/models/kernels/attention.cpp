@@ -1,6 +1,9 @@
 // Batch-invariant attention over a KV cache for textgen's compiled decoders on x86-64 CPUs with
 // AVX2 and FMA (textgen/models/blockwise.py builds it with blocks.cpp into one library;
-// decoders/base.py ``attend`` calls it). Each query row of each head is computed on its own,
+// decoders/base.py ``attend`` calls it), over a KV cache of float32 or float16 (the compiled
+// decoders': half the bytes to read, which is what a step's attention costs at 16 rows; each
+// value widened to float32 exactly as it is loaded). Each query row of each head is computed on
+// its own,
 // with the same operations in the same order whatever else the call holds:
 // - its score with column c: the dot product of query and key in 8 lanes over the head's
 //   dimensions, summed by a fixed tree, times the scale; columns the mask hides are skipped;
@@ -52,6 +55,9 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
 inline float tree_sum(__m256 v) {  // ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -60,8 +66,8 @@ inline float tree_sum(__m256 v) {  // ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7))
 
 // One query row against columns [0, C) of one key/value head: out [V * 8] floats. ``scores``:
 // room for C rounded up to 8 floats. V: the head's dimensions / 8 (0: ``lanes`` at run time).
-template <int V>
-void attend_row(const float* query, const float* keys, const float* values, int64_t stride,
+template <int V, class E>
+void attend_row(const float* query, const E* keys, const E* values, int64_t stride,
                 const bool* mask, int64_t C, float scale, int lanes, float* scores, float* out) {
   const int vectors = V ? V : lanes;
   constexpr float kHidden = -std::numeric_limits<float>::infinity();
@@ -74,10 +80,10 @@ void attend_row(const float* query, const float* keys, const float* values, int6
       scores[c] = kHidden;
       continue;
     }
-    const float* key = keys + c * stride;
-    __m256 acc = _mm256_mul_ps(q[0], _mm256_loadu_ps(key));
+    const E* key = keys + c * stride;
+    __m256 acc = _mm256_mul_ps(q[0], load8(key));
 #pragma GCC unroll 16
-    for (int i = 1; i < vectors; i++) acc = _mm256_fmadd_ps(q[i], _mm256_loadu_ps(key + 8 * i), acc);
+    for (int i = 1; i < vectors; i++) acc = _mm256_fmadd_ps(q[i], load8(key + 8 * i), acc);
     const float score = tree_sum(acc) * scale;
     scores[c] = score;
     top = std::max(top, score);
@@ -104,38 +110,24 @@ void attend_row(const float* query, const float* keys, const float* values, int6
     if (weight == 0.f) continue;
     total += weight;
     const __m256 w = _mm256_set1_ps(weight);
-    const float* value = values + c * stride;
+    const E* value = values + c * stride;
 #pragma GCC unroll 16
-    for (int i = 0; i < vectors; i++) o[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), o[i]);
+    for (int i = 0; i < vectors; i++) o[i] = _mm256_fmadd_ps(w, load8(value + 8 * i), o[i]);
   }
   const __m256 sum = _mm256_set1_ps(total);
 #pragma GCC unroll 16
   for (int i = 0; i < vectors; i++) _mm256_storeu_ps(out + 8 * i, _mm256_div_ps(o[i], sum));
 }
 
-// query [R, H, T, D]; keys and values [R, KVH, capacity, D] (the cache's buffers, D contiguous);
-// mask [R, 1, T, C] (C <= capacity, true: attended); out [R, T, H * D] float32.
-at::Tensor attend(const at::Tensor& query_in, const at::Tensor& keys, const at::Tensor& values,
-                  const at::Tensor& mask_in, double scale) {
-  TORCH_CHECK(query_in.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && mask_in.dim() == 4,
-              "attend: query [rows, heads, tokens, dim], keys and values [rows, kv heads, "
-              "columns, dim], mask [rows, 1, tokens, columns]");
-  const at::Tensor query = query_in.to(at::kFloat).contiguous();
+// Every item (row, head, token) of attend's call, the cache's elements of type E.
+template <class E>
+void attend_items(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                  const at::Tensor& mask, double scale, at::Tensor& out) {
   const int64_t R = query.size(0), H = query.size(1), T = query.size(2), D = query.size(3);
-  const int64_t KVH = keys.size(1), C = mask_in.size(3);
-  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat &&
-                  keys.sizes() == values.sizes() && keys.strides() == values.strides() &&
-                  keys.size(0) == R && keys.size(3) == D && keys.stride(3) == 1 &&
-                  C <= keys.size(2) && KVH > 0 && H % KVH == 0,
-              "attend: keys and values [", R, ", kv heads dividing ", H, ", at least ", C, ", ", D,
-              "] float32 with contiguous rows");
-  TORCH_CHECK(D % 8 == 0 && D <= 256, "attend: head dimensions ", D, " not a multiple of 8 up to 256");
-  const at::Tensor mask = mask_in.to(at::kBool).expand({R, 1, T, C}).contiguous();
-  at::Tensor out = at::empty({R, T, H * D}, query.options());
-  if (out.numel() == 0) return out;
+  const int64_t KVH = keys.size(1), C = mask.size(3);
   const float* qp = query.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
+  const E* kp = keys.data_ptr<E>();
+  const E* vp = values.data_ptr<E>();
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / KVH, items = R * H * T;
@@ -156,13 +148,41 @@ at::Tensor attend(const at::Tensor& query_in, const at::Tensor& keys, const at::
         row(q, kp + head, vp + head, stride, m, C, (float)scale, lanes, scores.data(), o);
       };
       switch (lanes) {
-        case 8: run(attend_row<8>); break;
-        case 10: run(attend_row<10>); break;
-        case 16: run(attend_row<16>); break;
-        default: run(attend_row<0>);
+        case 8: run(attend_row<8, E>); break;
+        case 10: run(attend_row<10, E>); break;
+        case 16: run(attend_row<16, E>); break;
+        default: run(attend_row<0, E>);
       }
     }
   }
+}
+
+// query [R, H, T, D]; keys and values [R, KVH, capacity, D] (the cache's buffers, float32 or
+// float16, D contiguous); mask [R, 1, T, C] (C <= capacity, true: attended); out [R, T, H * D]
+// float32.
+at::Tensor attend(const at::Tensor& query_in, const at::Tensor& keys, const at::Tensor& values,
+                  const at::Tensor& mask_in, double scale) {
+  TORCH_CHECK(query_in.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && mask_in.dim() == 4,
+              "attend: query [rows, heads, tokens, dim], keys and values [rows, kv heads, "
+              "columns, dim], mask [rows, 1, tokens, columns]");
+  const at::Tensor query = query_in.to(at::kFloat).contiguous();
+  const int64_t R = query.size(0), H = query.size(1), T = query.size(2), D = query.size(3);
+  const int64_t KVH = keys.size(1), C = mask_in.size(3);
+  const auto type = keys.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kHalf) && values.scalar_type() == type &&
+                  keys.sizes() == values.sizes() && keys.strides() == values.strides() &&
+                  keys.size(0) == R && keys.size(3) == D && keys.stride(3) == 1 &&
+                  C <= keys.size(2) && KVH > 0 && H % KVH == 0,
+              "attend: keys and values [", R, ", kv heads dividing ", H, ", at least ", C, ", ", D,
+              "] both float32 or both float16, with contiguous rows");
+  TORCH_CHECK(D % 8 == 0 && D <= 256, "attend: head dimensions ", D, " not a multiple of 8 up to 256");
+  const at::Tensor mask = mask_in.to(at::kBool).expand({R, 1, T, C}).contiguous();
+  at::Tensor out = at::empty({R, T, H * D}, query.options());
+  if (out.numel() == 0) return out;
+  if (type == at::kHalf)
+    attend_items<at::Half>(query, keys, values, mask, scale, out);
+  else
+    attend_items<float>(query, keys, values, mask, scale, out);
   return out;
 }
 
