@@ -74,6 +74,11 @@ def test_attention_kernel_is_batch_invariant(cache: torch.dtype) -> None:
     keys, values = torch.randn(2, 4, kv, 64, dim).to(cache)
     mask = torch.ones(4, 1, 6, columns, dtype=torch.bool)
     batch = blockwise.attend(query, keys, values, mask, 0.125)
+    # The query as compiled decoders pass it: a view of the [rows, tokens, heads, dim]
+    # projection, read in place.
+    view = query.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not view.is_contiguous()
+    assert torch.equal(blockwise.attend(view, keys, values, mask, 0.125), batch)
     alone = blockwise.attend(query[2:3, :, 4:5], keys[2:3], values[2:3], mask[2:3, :, 4:5], 0.125)
     assert torch.equal(alone[0, 0], batch[2, 4])
     # The same row behind 13 hidden columns of other content, in a buffer of another size.

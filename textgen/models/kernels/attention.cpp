@@ -132,16 +132,19 @@ void attend_items(const at::Tensor& query, const at::Tensor& keys, const at::Ten
   float* op = out.data_ptr<float>();
   const int64_t group = H / KVH, items = R * H * T;
   const int64_t row_stride = keys.stride(0), head_stride = keys.stride(1), stride = keys.stride(2);
+  const int64_t q_row = query.stride(0), q_head = query.stride(1), q_token = query.stride(2);
   const int lanes = (int)(D / 8);
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) if (items > 1)
   {
-    std::vector<float> scores((C + 7) / 8 * 8);
+    // Each thread's scores, kept for its next call (OpenMP's threads stay).
+    thread_local std::vector<float> scores;
+    if ((int64_t)scores.size() < (C + 7) / 8 * 8) scores.resize((C + 7) / 8 * 8);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t item = 0; item < items; item++) {
       const int64_t r = item / (H * T), h = item / T % H, t = item % T;
       const int64_t head = r * row_stride + (h / group) * head_stride;
-      const float* q = qp + ((r * H + h) * T + t) * D;
+      const float* q = qp + r * q_row + h * q_head + t * q_token;
       const bool* m = mp + (r * T + t) * C;
       float* o = op + (r * T + t) * H * D + h * D;
       auto run = [&](auto row) {
@@ -165,7 +168,11 @@ at::Tensor attend(const at::Tensor& query_in, const at::Tensor& keys, const at::
   TORCH_CHECK(query_in.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && mask_in.dim() == 4,
               "attend: query [rows, heads, tokens, dim], keys and values [rows, kv heads, "
               "columns, dim], mask [rows, 1, tokens, columns]");
-  const at::Tensor query = query_in.to(at::kFloat).contiguous();
+  // The compiled decoders' query is a view of the projection ([R, T, H, D] transposed): read
+  // in place when each head's dimensions are contiguous.
+  const at::Tensor query = query_in.scalar_type() == at::kFloat && query_in.stride(3) == 1
+                               ? query_in
+                               : query_in.to(at::kFloat).contiguous();
   const int64_t R = query.size(0), H = query.size(1), T = query.size(2), D = query.size(3);
   const int64_t KVH = keys.size(1), C = mask_in.size(3);
   const auto type = keys.scalar_type();

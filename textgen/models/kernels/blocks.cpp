@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -60,12 +61,14 @@ inline __m256i spread(const int8_t* x) {  // 4 activation digits to every lane
 }
 
 // Activations rounded to two int8 digits, [M, K] each in their natural order, with per row and
-// block the unit of the second digit and that unit x the block's sum of both digits.
+// block the unit of the second digit and that unit x the block's sum of both digits. They live
+// in the calling thread's scratch buffers, reused by its next call: a decode step makes about
+// 120 calls, and allocating four tensors in each was a measurable part of a one-row step.
 struct Rounded {
-  at::Tensor q;     // int8 [M, K]: the first digit
-  at::Tensor f;     // int8 [M, K]: the second, in 256ths of the first's unit
-  at::Tensor d;     // float [M, K / 32]: the unit of the second digit
-  at::Tensor dsum;  // float [M, K / 32]
+  int8_t* q;     // [M, K]: the first digit
+  int8_t* f;     // [M, K]: the second, in 256ths of the first's unit
+  float* d;      // [M, K / 32]: the unit of the second digit
+  float* dsum;   // [M, K / 32]
 };
 
 // 32 int32 lanes (4 vectors) narrowed to int8 with saturation, in order (packs interleave
@@ -87,15 +90,16 @@ inline int32_t sum_ints(const __m256i n[4]) {
 
 Rounded round_rows(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), B = K / kBlock;
-  Rounded r{at::empty({M, K}, x.options().dtype(at::kChar)),
-            at::empty({M, K}, x.options().dtype(at::kChar)),
-            at::empty({M, B}, x.options().dtype(at::kFloat)),
-            at::empty({M, B}, x.options().dtype(at::kFloat))};
+  thread_local std::vector<int8_t> digits;
+  thread_local std::vector<float> units;
+  if ((int64_t)digits.size() < 2 * M * K) digits.resize(2 * M * K);
+  if ((int64_t)units.size() < 2 * M * B) units.resize(2 * M * B);
+  const Rounded r{digits.data(), digits.data() + M * K, units.data(), units.data() + M * B};
   const float* xp = x.data_ptr<float>();
-  int8_t* qp = r.q.data_ptr<int8_t>();
-  int8_t* fp = r.f.data_ptr<int8_t>();
-  float* dp = r.d.data_ptr<float>();
-  float* sp = r.dsum.data_ptr<float>();
+  int8_t* qp = r.q;
+  int8_t* fp = r.f;
+  float* dp = r.d;
+  float* sp = r.dsum;
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * B >= 1024)
   for (int64_t i = 0; i < M * B; i++) {
@@ -348,10 +352,10 @@ at::Tensor matmul(const char* name, const at::Tensor& x_in, const at::Tensor& pa
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const Rounded r = round_rows(x);
-  const int8_t* qp = r.q.data_ptr<int8_t>();
-  const int8_t* fp = r.f.data_ptr<int8_t>();
-  const float* dxp = r.d.data_ptr<float>();
-  const float* sxp = r.dsum.data_ptr<float>();
+  const int8_t* qp = r.q;
+  const int8_t* fp = r.f;
+  const float* dxp = r.d;
+  const float* sxp = r.dsum;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   // Whole tiles of rows share each digit broadcast among F::kGroups groups; fewer rows read
