@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -89,7 +90,8 @@ def test_the_compiled_steps_rotary_lookup_equals_computing_it() -> None:
     from textgen.engine.decode import rotary_tables
 
     model = tiny_qwen2()
-    forward = CompiledForward(model, program=None)
+    # No program runs here: only its cache type is read.
+    forward = CompiledForward(model, program=SimpleNamespace(cache_dtype=torch.float32))
     generator = torch.Generator().manual_seed(1)
     for shape, high in [((1, 1), 10), ((16, 1), 300), ((3, 7), 600), ((1, 256), 2000)]:
         positions = torch.randint(0, high, shape, generator=generator)

@@ -25,7 +25,8 @@ class CompiledForward:
     def __init__(self, model: Any, program: Any) -> None:
         self.program = program
         self.layers, self.kv_heads, self.head_dim = cache_shape(model.config)
-        self.cache_dtype: torch.dtype = getattr(program, "cache_dtype", torch.float32)
+        # The KV cache buffers' type it was compiled for (compiled.open_package).
+        self.cache_dtype: torch.dtype = program.cache_dtype
         self.model = model
         self.learned_positions = family(model.config) == "gpt2"
         if not self.learned_positions:
