@@ -3,8 +3,7 @@
 // decoders/base.py ``attend`` calls it), over a KV cache of float32 or float16 (the compiled
 // decoders': half the bytes to read, which is what a step's attention costs at 16 rows; each
 // value widened to float32 exactly as it is loaded). Each query row of each head is computed on
-// its own,
-// with the same operations in the same order whatever else the call holds:
+// its own, with the same operations in the same order whatever else the call holds:
 // - its score with column c: the dot product of query and key in 8 lanes over the head's
 //   dimensions, summed by a fixed tree, times the scale; columns the mask hides are skipped;
 // - its weights: exp(score - the largest score), 8 columns at a time by one polynomial per lane

@@ -96,10 +96,6 @@ Rounded round_rows(const at::Tensor& x) {
   if ((int64_t)units.size() < 2 * M * B) units.resize(2 * M * B);
   const Rounded r{digits.data(), digits.data() + M * K, units.data(), units.data() + M * B};
   const float* xp = x.data_ptr<float>();
-  int8_t* qp = r.q;
-  int8_t* fp = r.f;
-  float* dp = r.d;
-  float* sp = r.dsum;
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * B >= 1024)
   for (int64_t i = 0; i < M * B; i++) {
@@ -125,11 +121,11 @@ Rounded round_rows(const at::Tensor& x) {
       f[j] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(rest, _mm256_set1_ps(256.f))),
                               _mm256_set1_epi32(127));
     }
-    store_digits(n, qp + i * kBlock);
-    store_digits(f, fp + i * kBlock);
+    store_digits(n, r.q + i * kBlock);
+    store_digits(f, r.f + i * kBlock);
     const float unit = d / 256.f;
-    dp[i] = unit;
-    sp[i] = unit * (float)(256 * sum_ints(n) + sum_ints(f));
+    r.d[i] = unit;
+    r.dsum[i] = unit * (float)(256 * sum_ints(n) + sum_ints(f));
   }
   return r;
 }
@@ -352,19 +348,15 @@ at::Tensor matmul(const char* name, const at::Tensor& x_in, const at::Tensor& pa
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const Rounded r = round_rows(x);
-  const int8_t* qp = r.q;
-  const int8_t* fp = r.f;
-  const float* dxp = r.d;
-  const float* sxp = r.dsum;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   // Whole tiles of rows share each digit broadcast among F::kGroups groups; fewer rows read
   // the weights as one stream (two streams made one row's Q8 output layer 2x slower).
   const int64_t groups = packed.size(0);
   if (M >= F::kTile) {
-    rows_by_units<F, F::kGroups>(M, groups, K, N, qp, fp, dxp, sxp, wp, op);
+    rows_by_units<F, F::kGroups>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
   } else {
-    rows_by_units<F, 1>(M, groups, K, N, qp, fp, dxp, sxp, wp, op);
+    rows_by_units<F, 1>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
   }
   return out;
 }
