@@ -32,7 +32,7 @@ class CompiledPackage:
     """The model of an AOTInductor package (.pt2), called as torch's loader's model is, with
     tensors or lists of tensors as arguments; returns its one output tensor."""
 
-    # The KV cache buffers' type the decoder was compiled for (compiled.load_program sets it).
+    # The KV cache buffers' type the decoder was compiled for (compiled.open_package sets it).
     cache_dtype = torch.float32
 
     def __init__(self, path: Path) -> None:

@@ -29,7 +29,7 @@ from textgen.models.aoti import CompiledPackage
 from textgen.models.architecture import cache_shape, compilable, family
 from textgen.models.cache import ModelCache
 from textgen.models.cpu import compiler_available
-from textgen.models.decoders.base import Program
+from textgen.models.decoders.base import Program, cache_dtype_of
 from textgen.models.decoders.gpt2 import GPT2Program
 from textgen.models.decoders.llama import LlamaProgram
 from textgen.models.decoders.phi import PhiProgram
@@ -210,6 +210,6 @@ def open_package(model: Any, path: Path, deterministic: bool = True) -> Compiled
     was compiled for (Program.cache_dtype: not checked when it runs, so buffers of another type
     would be read as that one)."""
     package = CompiledPackage(path)
-    if kernel_attention(cache_shape(model.config)[2], deterministic):
-        package.cache_dtype = torch.float16
+    head_dim = cache_shape(model.config)[2]
+    package.cache_dtype = cache_dtype_of(kernel_attention(head_dim, deterministic))
     return package

@@ -36,11 +36,8 @@ class Program(torch.nn.Module):
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        """The KV cache buffers' type: float16 for textgen's attention kernel, which widens
-        each value as it loads it (half the bytes a step reads: at 16 rows and 80 columns the
-        attention read a GPT-2 step's 94 MB of float32 cache at about 31 GB/s, 14% of the
-        step), float32 for PyTorch's attention."""
-        return torch.float16 if self.kernel_attention else torch.float32
+        """The KV cache buffers' type (``cache_dtype_of``)."""
+        return cache_dtype_of(self.kernel_attention)
 
     def __init__(self, layers: int, heads: int, kv_heads: int, head_dim: int, width: int) -> None:
         super().__init__()
@@ -198,6 +195,14 @@ class Program(torch.nn.Module):
         return self.attend(
             index, query, key, value.transpose(1, 2), mask, keys, values, columns_new, self.scale
         )
+
+
+def cache_dtype_of(kernel_attention: bool) -> torch.dtype:
+    """The KV cache buffers' type of a program: float16 for textgen's attention kernel, which
+    widens each value as it loads it (half the bytes a step reads: at 16 rows and 80 columns
+    the attention read a GPT-2 step's 94 MB of float32 cache at about 31 GB/s, 14% of the
+    step), float32 for PyTorch's attention."""
+    return torch.float16 if kernel_attention else torch.float32
 
 
 def padded(rows: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,11 @@ inline void block_dots(Code code, const int8_t* q, const int8_t* f, int64_t K,
   }
 }
 
+// Groups of 8 output rows a whole tile of activation rows takes at once (each digit broadcast
+// serves them all): with VNNI 2 (16 rows: 1.05-1.24x at 16 activation rows against 1; 3 and 4
+// measured no better), without 1 (the registers).
+constexpr int kGroups = kVnni ? 2 : 1;
+
 // 256 dq + df as int32 lanes, times 2^shift, into out (or added to it).
 template <int T, int G>
 inline void combine(__m256i (&dq)[G][T], __m256i (&df)[G][T], int shift, __m256i (&out)[G][T],
@@ -197,11 +202,8 @@ inline void combine(__m256i (&dq)[G][T], __m256i (&df)[G][T], int shift, __m256i
 struct Q4 {
   static constexpr int64_t kBlockBytes = 2 * 2 * kRows + 4 * 32;  // 160: 0.625 bytes a weight
   // Activation rows per unpacking of a block: 4 measured best with VNNI (8: 0.87-1.0x at 128
-  // rows); without, as many as 16 vector registers hold. Groups a digit broadcast serves: with
-  // VNNI 2 (16 rows: 1.05-1.24x at 16 activation rows against 1; 3 and 4 measured no better),
-  // without 1 (the registers).
+  // rows); without, as many as 16 vector registers hold.
   static constexpr int kTile = kVnni ? 4 : 3;
-  static constexpr int kGroups = kVnni ? 2 : 1;
   static __m256 minimums(const uint8_t* block) { return halves(block + 2 * kRows); }
   template <int T, int G>
   static void dots(const uint8_t* const (&blocks)[G], const int8_t* q, const int8_t* f,
@@ -220,7 +222,6 @@ struct Q4 {
 struct Q8 {
   static constexpr int64_t kBlockBytes = 2 * kRows + 8 * 32;  // 272: 1.0625 bytes a weight
   static constexpr int kTile = kVnni ? 4 : 2;
-  static constexpr int kGroups = kVnni ? 2 : 1;
   static __m256 minimums(const uint8_t* block) {
     return _mm256_mul_ps(halves(block), _mm256_set1_ps(-128.f));
   }
@@ -350,11 +351,11 @@ at::Tensor matmul(const char* name, const at::Tensor& x_in, const at::Tensor& pa
   const Rounded r = round_rows(x);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  // Whole tiles of rows share each digit broadcast among F::kGroups groups; fewer rows read
+  // Whole tiles of rows share each digit broadcast among kGroups groups; fewer rows read
   // the weights as one stream (two streams made one row's Q8 output layer 2x slower).
   const int64_t groups = packed.size(0);
   if (M >= F::kTile) {
-    rows_by_units<F, F::kGroups>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
+    rows_by_units<F, kGroups>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
   } else {
     rows_by_units<F, 1>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
   }
