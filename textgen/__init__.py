@@ -23,6 +23,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from textgen.api.tracing import init_request_ids
     from textgen.config import PREFIX, check_unknown_env, load_settings
     from textgen.logs import configure_logging
+    from textgen.models import blockwise
     from textgen.openai import chat, completions, responses_api
     from textgen.openai import models as openai_models
     from textgen.runtime import configure_torch
@@ -42,6 +43,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         # The client address, scheme and host as the proxy saw them.
         app.wsgi_app = BehindProxies(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
     configure_torch(settings.torch_threads)
+    blockwise.set_activation_digits(settings.activation_bits // 8)
 
     app.extensions["textgen.settings"] = settings  # the caps request validation reads
     api = init_docs(app)

@@ -6,7 +6,8 @@ PyTorch's int4 kernels and Inductor's int4 and int8 templates convert every weig
 for one multiply-add each (and Inductor has no int4 template without AVX-512); at one row the
 int8 template read the output layer's weights at about 15 GB/s. These kernels keep the weights
 in their blocks and round the activations in the same blocks of 32 to two int8 digits (16-bit
-precision), so that 32 products take a few integer instructions, as llama.cpp's kernels do
+precision; one, llama.cpp's precision, with TEXTGEN_ACTIVATION_BITS=8: ``set_activation_digits``),
+so that 32 products take a few integer instructions, as llama.cpp's kernels do
 (bench/kernels.py measures them against PyTorch's; bench/RESULTS.md has what they give the
 compiled decoder). Their results are batch-invariant and the same bits with or without
 AVX-512 (see the source).
@@ -51,6 +52,7 @@ OPS = {4: "q4_mm", 8: "q8_mm"}
 
 _lock = threading.Lock()
 _loaded: Path | None = None
+_digits = 2  # activation digits (set_activation_digits)
 
 
 def bits_of(packed: torch.Tensor) -> int:
@@ -87,6 +89,7 @@ def load(cache_root: Path) -> Path:
         # RTLD_GLOBAL: compiled decoders find aoti_torch_cpu_q4_mm among the process's symbols.
         ctypes.CDLL(os.fspath(library), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
         torch.ops.load_library(os.fspath(library))
+        torch.ops.textgen.set_activation_digits(_digits)
         register_fake()
         _loaded = library
         return library
@@ -246,6 +249,20 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, rows: int) -> torch.Tensor:
     [.., rows] float32 (the format is the packed tensor's: its last dimension)."""
     op = getattr(torch.ops.textgen, OPS[bits_of(packed)])
     return op(x.reshape(-1, x.shape[-1]).float(), packed, rows).reshape(*x.shape[:-1], rows)
+
+
+def set_activation_digits(digits: int) -> None:
+    """Round every later matmul's activations in this process to ``digits`` int8 digits: 2
+    (16-bit precision, the default) or 1 (llama.cpp's 8-bit: half the integer work, which is
+    most of a many-row step; see kernels/blocks.cpp). Applies now if the library is loaded,
+    else when ``load`` loads it."""
+    global _digits
+    if digits not in (1, 2):
+        raise ValueError(f"activation digits are 1 or 2, not {digits}")
+    with _lock:
+        _digits = digits
+        if _loaded is not None:
+            torch.ops.textgen.set_activation_digits(digits)
 
 
 def attend(

@@ -11,6 +11,9 @@
 // 256 * dot(u, q) + dot(u, f):
 //   out[i, n] = sum over blocks b, in order, of d[n,b] * dx[i,b] * (256 dot(u, q) + dot(u, f))
 //               + m[n,b] * dx[i,b] * (256 sum(q) + sum(f)),  with dx = s / 256.
+// A process may take one digit instead (set_activation_digits(1): x = s * q, dx = s, the
+// integer work halved; llama.cpp's Q8 activations, error at most s / 2), for the whole process:
+// a row's result then depends on the setting, still not on the other rows.
 // Weights are held by groups of 8 output rows, one row per 32-bit lane of a vector: 4 codes of
 // a row against 4 activation digits broadcast to every lane is one instruction for 8 rows
 // (llama.cpp's kernels put columns in the lanes instead, and pay a float multiply-add and a
@@ -30,6 +33,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -60,14 +64,17 @@ inline __m256i spread(const int8_t* x) {  // 4 activation digits to every lane
   return _mm256_set1_epi32(four);
 }
 
-// Activations rounded to two int8 digits, [M, K] each in their natural order, with per row and
-// block the unit of the second digit and that unit x the block's sum of both digits. They live
+// The activation digits of every call in the process: 2, or 1 (set_activation_digits).
+std::atomic<int> activation_digits{2};
+
+// Activations rounded to D int8 digits, [M, K] each in their natural order, with per row and
+// block the unit of the last digit and that unit x the block's sum of the digits. They live
 // in the calling thread's scratch buffers, reused by its next call: a decode step makes about
 // 120 calls, and allocating four tensors in each was a measurable part of a one-row step.
 struct Rounded {
   int8_t* q;     // [M, K]: the first digit
-  int8_t* f;     // [M, K]: the second, in 256ths of the first's unit
-  float* d;      // [M, K / 32]: the unit of the second digit
+  int8_t* f;     // [M, K]: the second, in 256ths of the first's unit (two digits only)
+  float* d;      // [M, K / 32]: the unit of the last digit
   float* dsum;   // [M, K / 32]
 };
 
@@ -88,6 +95,7 @@ inline int32_t sum_ints(const __m256i n[4]) {
   return _mm_cvtsi128_si32(s4);
 }
 
+template <int D>
 Rounded round_rows(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), B = K / kBlock;
   thread_local std::vector<int8_t> digits;
@@ -122,10 +130,15 @@ Rounded round_rows(const at::Tensor& x) {
                               _mm256_set1_epi32(127));
     }
     store_digits(n, r.q + i * kBlock);
-    store_digits(f, r.f + i * kBlock);
-    const float unit = d / 256.f;
-    r.d[i] = unit;
-    r.dsum[i] = unit * (float)(256 * sum_ints(n) + sum_ints(f));
+    if constexpr (D == 2) {
+      store_digits(f, r.f + i * kBlock);
+      const float unit = d / 256.f;
+      r.d[i] = unit;
+      r.dsum[i] = unit * (float)(256 * sum_ints(n) + sum_ints(f));
+    } else {
+      r.d[i] = d;
+      r.dsum[i] = d * (float)sum_ints(n);
+    }
   }
   return r;
 }
@@ -138,12 +151,13 @@ constexpr bool kVnni = false;
 
 // A block's exact integer dot products 256 dot(u, q) + dot(u, f) of G groups of 8 output rows
 // (lanes) with T activation rows (q, f: the block's first digits of row 0, rows K bytes apart),
-// into dq[g][t] (first digits) and df[g][t]: vector k of a group's codes (4 a lane, from
+// into dq[g][t] (first digits) and df[g][t] (with D = 1 digit: dq alone, df unused and zero):
+// vector k of a group's codes (4 a lane, from
 // code(g, k)) against digits 4k .. 4k + 3. Each digit broadcast serves the G groups. With VNNI
 // one vpdpbusd per vector, group, row and digit (the sums stay below 2^31: 32 x 255 x 128 x
 // 257). Without, vpmaddubsw's 16-bit pair sums of codes below 16, added in 16 bits over the
 // block (at most 16 products of 15 x 128 a lane: 30,720), then vpmaddwd: the same integers.
-template <int T, int G, class Code>
+template <int T, int G, int D, class Code>
 inline void block_dots(Code code, const int8_t* q, const int8_t* f, int64_t K,
                        __m256i (&dq)[G][T], __m256i (&df)[G][T]) {
   #pragma GCC unroll 8
@@ -157,18 +171,20 @@ inline void block_dots(Code code, const int8_t* q, const int8_t* f, int64_t K,
     for (int g = 0; g < G; g++) codes[g] = code(g, k);
     #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
-      const __m256i xq = spread(q + t * K + 4 * k);
-      const __m256i xf = spread(f + t * K + 4 * k);
-      #pragma GCC unroll 8
-      for (int g = 0; g < G; g++) {
-        if constexpr (kVnni) {
-          dq[g][t] = _mm256_dpbusd_epi32(dq[g][t], codes[g], xq);
-          df[g][t] = _mm256_dpbusd_epi32(df[g][t], codes[g], xf);
-        } else {
-          dq[g][t] = _mm256_add_epi16(dq[g][t], _mm256_maddubs_epi16(codes[g], xq));
-          df[g][t] = _mm256_add_epi16(df[g][t], _mm256_maddubs_epi16(codes[g], xf));
+      // One digit's 4 activations of row t against every group's codes, into sums.
+      auto feed = [&](__m256i (&sums)[G][T], const int8_t* digits) __attribute__((always_inline)) {
+        const __m256i x = spread(digits + t * K + 4 * k);
+        #pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+          if constexpr (kVnni) {
+            sums[g][t] = _mm256_dpbusd_epi32(sums[g][t], codes[g], x);
+          } else {
+            sums[g][t] = _mm256_add_epi16(sums[g][t], _mm256_maddubs_epi16(codes[g], x));
+          }
         }
-      }
+      };
+      feed(dq, q);
+      if constexpr (D == 2) feed(df, f);
     }
   }
 }
@@ -178,8 +194,8 @@ inline void block_dots(Code code, const int8_t* q, const int8_t* f, int64_t K,
 // measured no better), without 1 (the registers).
 constexpr int kGroups = kVnni ? 2 : 1;
 
-// 256 dq + df as int32 lanes, times 2^shift, into out (or added to it).
-template <int T, int G>
+// 256 dq + df (one digit: dq) as int32 lanes, times 2^shift, into out (or added to it).
+template <int T, int G, int D>
 inline void combine(__m256i (&dq)[G][T], __m256i (&df)[G][T], int shift, __m256i (&out)[G][T],
                     bool add) {
   #pragma GCC unroll 8
@@ -187,7 +203,9 @@ inline void combine(__m256i (&dq)[G][T], __m256i (&df)[G][T], int shift, __m256i
     #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
       __m256i dot;
-      if constexpr (kVnni) {
+      if constexpr (D == 1) {
+        dot = kVnni ? dq[g][t] : _mm256_madd_epi16(dq[g][t], _mm256_set1_epi16(1));
+      } else if constexpr (kVnni) {
         dot = _mm256_add_epi32(_mm256_slli_epi32(dq[g][t], 8), df[g][t]);
       } else {
         dot = _mm256_add_epi32(_mm256_madd_epi16(dq[g][t], _mm256_set1_epi16(256)),
@@ -205,7 +223,7 @@ struct Q4 {
   // rows); without, as many as 16 vector registers hold.
   static constexpr int kTile = kVnni ? 4 : 3;
   static __m256 minimums(const uint8_t* block) { return halves(block + 2 * kRows); }
-  template <int T, int G>
+  template <int T, int G, int D>
   static void dots(const uint8_t* const (&blocks)[G], const int8_t* q, const int8_t* f,
                    int64_t K, __m256i (&out)[G][T]) {
     // Vector k of the 8 is stored vector k / 2's low (k even) or high nibbles.
@@ -214,8 +232,8 @@ struct Q4 {
       return nibbles(c, k % 2);
     };
     __m256i dq[G][T], df[G][T];
-    block_dots<T, G>(code, q, f, K, dq, df);
-    combine<T, G>(dq, df, 0, out, false);
+    block_dots<T, G, D>(code, q, f, K, dq, df);
+    combine<T, G, D>(dq, df, 0, out, false);
   }
 };
 
@@ -225,7 +243,7 @@ struct Q8 {
   static __m256 minimums(const uint8_t* block) {
     return _mm256_mul_ps(halves(block), _mm256_set1_ps(-128.f));
   }
-  template <int T, int G>
+  template <int T, int G, int D>
   static void dots(const uint8_t* const (&blocks)[G], const int8_t* q, const int8_t* f,
                    int64_t K, __m256i (&out)[G][T]) {
     auto vector = [&](int g, int k) {
@@ -233,16 +251,16 @@ struct Q8 {
     };
     __m256i dq[G][T], df[G][T];
     if constexpr (kVnni) {  // vpdpbusd takes codes up to 255 whole
-      block_dots<T, G>(vector, q, f, K, dq, df);
-      combine<T, G>(dq, df, 0, out, false);
+      block_dots<T, G, D>(vector, q, f, K, dq, df);
+      combine<T, G, D>(dq, df, 0, out, false);
     } else {
       // vpmaddubsw's pair sums would saturate with codes over 127: the codes split into
       // nibbles, dot(u, .) = 16 dot(u >> 4, .) + dot(u & 15, .), the same integers as VNNI's.
       #pragma GCC unroll 2
       for (int high = 1; high >= 0; high--) {
         auto split = [&](int g, int k) { return nibbles(vector(g, k), high); };
-        block_dots<T, G>(split, q, f, K, dq, df);
-        combine<T, G>(dq, df, high ? 4 : 0, out, !high);
+        block_dots<T, G, D>(split, q, f, K, dq, df);
+        combine<T, G, D>(dq, df, high ? 4 : 0, out, !high);
       }
     }
   }
@@ -251,7 +269,7 @@ struct Q8 {
 // Output rows 8n .. 8(n + G) - 1 (those below N) of activation rows m .. m + T - 1: per block,
 // the integer dot products scaled into one float vector a group and row (lane r: output row
 // 8(n + g) + r), then the minimums' term; stored last.
-template <class F, int T, int G>
+template <class F, int T, int G, int D>
 inline void tile(int64_t m, int64_t n, int64_t K, int64_t N, const int8_t* q, const int8_t* f,
                  const float* dx, const float* sx, const uint8_t* packed, float* out) {
   const int64_t B = K / kBlock;
@@ -265,7 +283,7 @@ inline void tile(int64_t m, int64_t n, int64_t K, int64_t N, const int8_t* q, co
     for (int t = 0; t < T; t++) acc[g][t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; b++) {
     __m256i dot[G][T];
-    F::template dots<T, G>(blocks, q + m * K + b * kBlock, f + m * K + b * kBlock, K, dot);
+    F::template dots<T, G, D>(blocks, q + m * K + b * kBlock, f + m * K + b * kBlock, K, dot);
     #pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
       const __m256 d = halves(blocks[g]), minimum = F::minimums(blocks[g]);
@@ -297,17 +315,17 @@ inline void tile(int64_t m, int64_t n, int64_t K, int64_t N, const int8_t* q, co
 
 // Activation rows m .. M - 1 of groups n .. n + G - 1: tiles of F::kTile rows, then one tile
 // of the rest (fewer rows).
-template <class F, int G, int T = F::kTile>
+template <class F, int G, int D, int T = F::kTile>
 inline void tiles(int64_t m, int64_t M, int64_t n, int64_t K, int64_t N, const int8_t* q,
                   const int8_t* f, const float* dx, const float* sx, const uint8_t* packed,
                   float* out) {
   if constexpr (T == F::kTile)
-    for (; m + T <= M; m += T) tile<F, T, G>(m, n, K, N, q, f, dx, sx, packed, out);
+    for (; m + T <= M; m += T) tile<F, T, G, D>(m, n, K, N, q, f, dx, sx, packed, out);
   if constexpr (T > 0) {
     if (M - m == T)
-      tile<F, T, G>(m, n, K, N, q, f, dx, sx, packed, out);
+      tile<F, T, G, D>(m, n, K, N, q, f, dx, sx, packed, out);
     else
-      tiles<F, G, T - 1>(m, M, n, K, N, q, f, dx, sx, packed, out);
+      tiles<F, G, D, T - 1>(m, M, n, K, N, q, f, dx, sx, packed, out);
   }
 }
 
@@ -315,7 +333,7 @@ inline void tiles(int64_t m, int64_t M, int64_t n, int64_t K, int64_t N, const i
 // groups one by one) shared out among PyTorch's threads, as the rest of the step uses them.
 // OpenMP directly, not at::parallel_for: in its lambda the compiler kept the loop's state in
 // memory (2x slower).
-template <class F, int G>
+template <class F, int G, int D>
 void rows_by_units(int64_t M, int64_t groups, int64_t K, int64_t N, const int8_t* q,
                    const int8_t* f, const float* dx, const float* sx, const uint8_t* packed,
                    float* out) {
@@ -325,9 +343,25 @@ void rows_by_units(int64_t M, int64_t groups, int64_t K, int64_t N, const int8_t
   for (int64_t u = 0; u < units; u++) {
     const int64_t n = u * G;
     if (n + G <= groups)
-      tiles<F, G>(0, M, n, K, N, q, f, dx, sx, packed, out);
+      tiles<F, G, D>(0, M, n, K, N, q, f, dx, sx, packed, out);
     else
-      for (int64_t g = n; g < groups; g++) tiles<F, 1>(0, M, g, K, N, q, f, dx, sx, packed, out);
+      for (int64_t g = n; g < groups; g++) tiles<F, 1, D>(0, M, g, K, N, q, f, dx, sx, packed, out);
+  }
+}
+
+// out = x times the packed weights, with D activation digits. Whole tiles of rows share each
+// digit broadcast among kGroups groups; fewer rows read the weights as one stream (two streams
+// made one row's Q8 output layer 2x slower).
+template <class F, int D>
+void multiply(const at::Tensor& x, const at::Tensor& packed, int64_t N, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), groups = packed.size(0);
+  const Rounded r = round_rows<D>(x);
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  if (M >= F::kTile) {
+    rows_by_units<F, kGroups, D>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
+  } else {
+    rows_by_units<F, 1, D>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
   }
 }
 
@@ -348,16 +382,10 @@ at::Tensor matmul(const char* name, const at::Tensor& x_in, const at::Tensor& pa
               " output rows do not match packed weights of ", packed.size(0), " groups of 8");
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  const Rounded r = round_rows(x);
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  // Whole tiles of rows share each digit broadcast among kGroups groups; fewer rows read
-  // the weights as one stream (two streams made one row's Q8 output layer 2x slower).
-  const int64_t groups = packed.size(0);
-  if (M >= F::kTile) {
-    rows_by_units<F, kGroups>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
+  if (activation_digits.load(std::memory_order_relaxed) == 1) {
+    multiply<F, 1>(x, packed, N, out);
   } else {
-    rows_by_units<F, 1>(M, groups, K, N, r.q, r.f, r.d, r.dsum, wp, op);
+    multiply<F, 2>(x, packed, N, out);
   }
   return out;
 }
@@ -370,11 +398,18 @@ at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t rows) {
   return matmul<Q8>("q8_mm", x, packed, rows);
 }
 
+// The activation digits of every later call in the process (1 or 2); returns the previous.
+int64_t set_activation_digits(int64_t digits) {
+  TORCH_CHECK(digits == 1 || digits == 2, "activation digits are 1 or 2, not ", digits);
+  return activation_digits.exchange((int)digits);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(textgen, m) {
   m.def("q4_mm(Tensor x, Tensor packed, int rows) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor packed, int rows) -> Tensor");
+  m.def("set_activation_digits(int digits) -> int", set_activation_digits);
 }
 
 TORCH_LIBRARY_IMPL(textgen, CPU, m) {
