@@ -8,11 +8,13 @@ Two measurements, each alternating the kernels in one process (min of 6 rounds):
   memory, not from the cache (as in a decode step, where every layer's weights are read once).
 - compiled one-token steps of whole models (the default): int8 and int4 in PyTorch's formats
   (Inductor's int8 template; its int4 template, AVX-512 only) against textgen's ("q8": every
-  layer Q8; "q4": Q4 and the output layer Q8), at 1 and 16 rows, over a KV cache of
-  ``--columns`` positions.
+  layer Q8; "q4": Q4 and the output layer Q8; "q4-a8": q4 with one activation digit,
+  TEXTGEN_ACTIVATION_BITS=8), at 1 and 16 rows, over a KV cache of ``--columns`` positions;
+  ``--formats q4,q4-a8`` for some of them.
 
 Usage: python bench/kernels.py [--matmuls] [--models smollm2-135m-instruct,/path/to/gpt2]
-       [--columns 80] [--out bench/out/kernels.json]        (needs AVX2, FMA, F16C and c++)
+       [--columns 80] [--formats int8,q8,q4,q4-a8,int4] [--out bench/out/kernels.json]
+       (needs AVX2, FMA, F16C and c++)
 """
 
 from __future__ import annotations
@@ -133,18 +135,27 @@ def kernels(textgens: bool) -> Iterator[None]:
         yield
 
 
-def steps(models: list[str], columns: int, avx512: bool) -> list[dict[str, Any]]:
+# Format: (dtype, in textgen's kernels, activation digits).
+FORMATS = {
+    "int8": ("int8", False, 2),
+    "q8": ("int8", True, 2),
+    "q4": ("int4", True, 2),
+    "q4-a8": ("int4", True, 1),
+    "int4": ("int4", False, 2),  # Inductor's int4 template: AVX-512 only
+}
+
+
+def steps(models: list[str], columns: int, avx512: bool, names: list[str]) -> list[dict[str, Any]]:
     cache = ModelCache(Path.home() / ".cache" / "textgen")
-    formats = {"int8": ("int8", False), "q8": ("int8", True), "q4": ("int4", True)}
-    if avx512:
-        formats["int4"] = ("int4", False)  # Inductor's int4 template
+    formats = {name: FORMATS[name] for name in names if avx512 or name != "int4"}
     results = []
     for source in models:
         loaded = {}
-        for name, (dtype, textgens) in formats.items():
+        for name, (dtype, textgens, _) in formats.items():
             with kernels(textgens):
                 loaded[name] = load_model(make_spec(source, dtype=dtype), cache, compiled=True)
-        model = loaded["int8"].model
+
+        model = next(iter(loaded.values())).model
         program = program_class(model)(model)
         for rows in (1, 16):
             inputs = {
@@ -154,16 +165,21 @@ def steps(models: list[str], columns: int, avx512: bool) -> list[dict[str, Any]]
             with torch.inference_mode():
                 ms = best_of(
                     {
-                        name: lambda one=one, inputs=inputs[name]: one.program(*inputs)
+                        name: lambda one=one, inputs=inputs[name], digits=formats[name][2]: (
+                            blockwise.set_activation_digits(digits),
+                            one.program(*inputs),
+                        )
                         for name, one in loaded.items()
                     },
                     calls=20 if rows == 1 else 4,
                 )
             result: dict[str, Any] = {"model": Path(source).name, "rows": rows, "columns": columns}
             result.update({f"{name}_ms": round(ms[name], 2) for name in loaded})
-            result["q8_over_int8"] = round(ms["int8"] / ms["q8"], 3)
-            result.update({f"q4_over_{name}": round(ms[name] / ms["q4"], 3) for name in loaded})
-            del result["q4_over_q4"]
+            if {"int8", "q8"} <= set(ms):
+                result["q8_over_int8"] = round(ms["int8"] / ms["q8"], 3)
+            others = [name for name in ms if name != "q4"]
+            if "q4" in ms:
+                result.update({f"q4_over_{name}": round(ms[name] / ms["q4"], 3) for name in others})
             results.append(result)
             print(json.dumps(result), flush=True)
     return results
@@ -174,6 +190,7 @@ def main() -> None:
     parser.add_argument("--matmuls", action="store_true", help="the kernel alone")
     parser.add_argument("--models", default="smollm2-135m-instruct")
     parser.add_argument("--columns", type=int, default=80)
+    parser.add_argument("--formats", default=",".join(FORMATS), help="of " + ", ".join(FORMATS))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "kernels.json")
     args = parser.parse_args()
     flags = set(cpu_flags().split())
@@ -186,7 +203,7 @@ def main() -> None:
     if args.matmuls:
         results = matmuls(avx512)
     else:
-        results = steps(args.models.split(","), args.columns, avx512)
+        results = steps(args.models.split(","), args.columns, avx512, args.formats.split(","))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {cpu_flags()}"
     args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=1))

@@ -10,6 +10,7 @@ At C=1 each server also gets its bandwidth ceiling: the weight bytes one token r
 Usage: python bench/throughput.py [--levels 1,4,16] [--requests-per-client 2] [--no-llama]
        [--dtypes float32,bfloat16,int8]
        [--fused]  (also TEXTGEN_DETERMINISTIC=false: fused, not batch-invariant, attention)
+       [--bits8]  (also TEXTGEN_ACTIVATION_BITS=8: activations at llama.cpp's 8 bits)
        python bench/throughput.py --source DIR --gguf FILE [--dtypes int8]  (a model of
        bench/shapes.py: textgen serves DIR, llama.cpp FILE, drafts off, no generate() anchor)
 """
@@ -240,6 +241,11 @@ def main() -> None:
         action="store_true",
         help="also measure PyTorch's fused attention (TEXTGEN_DETERMINISTIC=false)",
     )
+    parser.add_argument(
+        "--bits8",
+        action="store_true",
+        help="also measure 8-bit activations in textgen's kernels (TEXTGEN_ACTIVATION_BITS=8)",
+    )
     parser.add_argument("--source", type=Path, help="a model directory (bench/shapes.py)")
     parser.add_argument("--gguf", type=Path, help="llama.cpp's weights for --source")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "throughput.json")
@@ -261,6 +267,9 @@ def main() -> None:
     if args.fused:
         fused = {**variants[0][1], "TEXTGEN_DETERMINISTIC": "false"}
         variants.append((f"{variants[0][0]}, fused attention", fused))
+    if args.bits8:
+        bits8 = {**variants[0][1], "TEXTGEN_ACTIVATION_BITS": "8"}
+        variants.append((f"{variants[0][0]}, 8-bit activations", bits8))
     if args.stock_worker:
         variants.append(("textgen, stock gthread worker", {"GUNICORN_CMD_ARGS": "-k gthread"}))
     for name, env in variants:
