@@ -151,9 +151,9 @@ constexpr bool kVnni = false;
 
 // A block's exact integer dot products 256 dot(u, q) + dot(u, f) of G groups of 8 output rows
 // (lanes) with T activation rows (q, f: the block's first digits of row 0, rows K bytes apart),
-// into dq[g][t] (first digits) and df[g][t] (with D = 1 digit: dq alone, df unused and zero):
-// vector k of a group's codes (4 a lane, from
-// code(g, k)) against digits 4k .. 4k + 3. Each digit broadcast serves the G groups. With VNNI
+// into dq[g][t] (first digits) and df[g][t] (with D = 1 digit: dq alone, df left zero): vector
+// k of a group's codes (4 a lane, from code(g, k)) against digits 4k .. 4k + 3. Each digit
+// broadcast serves the G groups. With VNNI
 // one vpdpbusd per vector, group, row and digit (the sums stay below 2^31: 32 x 255 x 128 x
 // 257). Without, vpmaddubsw's 16-bit pair sums of codes below 16, added in 16 bits over the
 // block (at most 16 products of 15 x 128 a lane: 30,720), then vpmaddwd: the same integers.
