@@ -92,6 +92,19 @@ def serve(app: Flask) -> Iterator[str]:
 
 
 @contextmanager
+def activation_digits(digits: int) -> Iterator[None]:
+    """textgen's kernels take ``digits`` activation digits in this process for the block (as
+    TEXTGEN_ACTIVATION_BITS sets them for a server), the default two again after it."""
+    from textgen.models import blockwise
+
+    blockwise.set_activation_digits(digits)
+    try:
+        yield
+    finally:
+        blockwise.set_activation_digits(2)
+
+
+@contextmanager
 def served(config: dict[str, Any]) -> Iterator[str]:
     """An app built from ``config``, served over HTTP for the block, then closed."""
     app = create_app(config)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, activation_digits, tiny_config
 from tests.test_compiled import PROMPTS, assert_close_to_eager, step_by_step
 from tests.test_engine import concurrently, post, text
 from tests.tiny_models import save_tiny_llama
@@ -50,11 +50,8 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits(request: pytest.FixtureRequest) -> Iterator[int]:
     """The process's activation digits for one test (TEXTGEN_ACTIVATION_BITS 16 or 8), set
     back to the default after it."""
-    blockwise.set_activation_digits(request.param)
-    try:
+    with activation_digits(request.param):
         yield request.param
-    finally:
-        blockwise.set_activation_digits(2)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, digits: int = 2) -> torch.Tensor:
@@ -277,12 +274,8 @@ def first_logprob(loaded: LoadedModel, prompt: str, digits: int) -> float:
     forward = CompiledForward(loaded.model, loaded.program)
     ids = torch.tensor([loaded.tokenizer.encode(prompt)])
     positions = torch.arange(ids.shape[1])[None]
-    blockwise.set_activation_digits(digits)
-    try:
-        with torch.inference_mode():
-            logits = forward(ids, positions, torch.ones_like(ids), BatchCache())
-    finally:
-        blockwise.set_activation_digits(2)
+    with activation_digits(digits), torch.inference_mode():
+        logits = forward(ids, positions, torch.ones_like(ids), BatchCache())
     return float(torch.log_softmax(logits.double().reshape(-1, logits.shape[-1])[-1], -1).max())
 
 
@@ -309,11 +302,8 @@ def test_eight_bit_activations_through_http(
     config["MODELS"] = [{"name": "blocks", "source": str(loaded.prepared.path), "dtype": dtype}]
     one_digit, two_digits = (first_logprob(loaded, PROMPTS[0], digits) for digits in (1, 2))
     assert (one_digit != two_digits) == textgens
-    blockwise.set_activation_digits(1)
-    try:
+    with activation_digits(1):
         expected = [step_by_step(loaded, prompt, 12) for prompt in PROMPTS]
-    finally:
-        blockwise.set_activation_digits(2)
     app = create_app(config)  # which sets one digit for the process
     client = app.test_client()
     body = {"model": "blocks", "prompt": PROMPTS[0], "max_tokens": 1, "logprobs": 1}

@@ -14,7 +14,7 @@ import requests
 import torch
 from flask import Flask
 
-from tests.conftest import EMBEDDED_CACHE, served, tiny_config
+from tests.conftest import EMBEDDED_CACHE, activation_digits, served, tiny_config
 from tests.test_decode import tiny_qwen2
 from tests.test_engine import concurrently, post, text
 from tests.test_quantize import TEXT, perplexity
@@ -23,7 +23,7 @@ from textgen import create_app
 from textgen.config import ConfigError
 from textgen.engine.compiled import CompiledForward
 from textgen.engine.kvcache import BatchCache
-from textgen.models import blockwise, compiled, cpu, quantize
+from textgen.models import compiled, cpu, quantize
 from textgen.models.cache import ModelCache
 from textgen.models.loading import LoadedModel, load_model
 from textgen.models.sources import is_prepared
@@ -144,16 +144,12 @@ def test_embedded_model_compiled_perplexity(dtype: str, digits: int) -> None:
     forward = CompiledForward(loaded.model, loaded.program)
     ids = loaded.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     cache, mask, total = BatchCache(), torch.ones(1, 0, dtype=torch.long), 0.0
-    blockwise.set_activation_digits(digits)  # the kernels are loaded: the model's are them
-    try:
-        with torch.inference_mode():
-            for position in range(ids.shape[1] - 1):
-                mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-                token = ids[:, position : position + 1]
-                logits = forward(token, torch.tensor([[position]]), mask, cache)
-                total -= float(torch.log_softmax(logits[0], -1)[ids[0, position + 1]])
-    finally:
-        blockwise.set_activation_digits(2)
+    with activation_digits(digits), torch.inference_mode():
+        for position in range(ids.shape[1] - 1):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            token = ids[:, position : position + 1]
+            logits = forward(token, torch.tensor([[position]]), mask, cache)
+            total -= float(torch.log_softmax(logits[0], -1)[ids[0, position + 1]])
     measured = math.exp(total / (ids.shape[1] - 1))
     print(f"{dtype}, {digits} activation digits: perplexity {measured:.3f}")
     assert measured == pytest.approx(perplexity("float32"), rel=0.02)

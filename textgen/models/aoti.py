@@ -32,8 +32,9 @@ class CompiledPackage:
     """The model of an AOTInductor package (.pt2), called as torch's loader's model is, with
     tensors or lists of tensors as arguments; returns its one output tensor."""
 
-    # The KV cache buffers' type the decoder was compiled for (compiled.open_package sets it).
-    cache_dtype = torch.float32
+    # The KV cache buffers' type the decoder was compiled for: compiled.open_package sets it
+    # (no default: AOTInductor does not check it, so a wrong one would read the bytes wrongly).
+    cache_dtype: torch.dtype
 
     def __init__(self, path: Path) -> None:
         self.library = load_library(path)

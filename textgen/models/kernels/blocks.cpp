@@ -398,10 +398,10 @@ at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t rows) {
   return matmul<Q8>("q8_mm", x, packed, rows);
 }
 
-// The activation digits of every later call in the process (1 or 2); returns the previous.
-int64_t set_activation_digits(int64_t digits) {
+// The activation digits of every later call in the process (1 or 2).
+void set_activation_digits(int64_t digits) {
   TORCH_CHECK(digits == 1 || digits == 2, "activation digits are 1 or 2, not ", digits);
-  return activation_digits.exchange((int)digits);
+  activation_digits.store((int)digits);
 }
 
 }  // namespace
@@ -409,7 +409,7 @@ int64_t set_activation_digits(int64_t digits) {
 TORCH_LIBRARY(textgen, m) {
   m.def("q4_mm(Tensor x, Tensor packed, int rows) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor packed, int rows) -> Tensor");
-  m.def("set_activation_digits(int digits) -> int", set_activation_digits);
+  m.def("set_activation_digits(int digits) -> ()", set_activation_digits);
 }
 
 TORCH_LIBRARY_IMPL(textgen, CPU, m) {
